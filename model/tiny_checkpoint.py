@@ -1,0 +1,71 @@
+"""
+Write a tiny random LongCat-Image (or -Edit) checkpoint folder in the release's diffusers layout, offline.
+
+    python -m model.tiny_checkpoint runs/tiny-longcat-image [--edit] [--seed 0]
+
+The folder has the same files as the release (model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
+text_processor/, scheduler/), written with our own modules and configs in diffusers' format, so the real loading
+code runs and diffusers itself can open the folder too. The architecture is LongCat's at toy width: 2 double +
+2 single blocks, 4 heads x 16, a 4-level 16-channel KL VAE (8x down), a 2-layer Qwen2.5-VL with a 64-d hidden state
+and a small byte-level BPE tokenizer with the Qwen2.5 special tokens. Used by the README demo and by the tests.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from model.dit_image import ImageDiTConfig, LongCatImageDiT
+from model.flow import FlowSchedulerConfig
+from model.tiny_qwen import save_tiny_text_stack
+from model.vae_image import ImageVAE, ImageVAEConfig
+
+TINY_DIT = ImageDiTConfig(in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                          num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64,
+                          axes_dims_rope=[4, 6, 6])
+TINY_VAE = ImageVAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, latent_channels=16,
+                          norm_num_groups=8, sample_size=256)
+LONGCAT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                     "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                     "max_image_seq_len": 4096, "time_shift_type": "exponential"}
+
+
+def write_json(path: Path, d: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(d, indent=2) + "\n")
+
+
+def save_module(module: torch.nn.Module, folder: Path, config: dict):
+    write_json(folder / "config.json", config)
+    sd = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    save_file(sd, str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def write_tiny_longcat_image(root, edit: bool = False, seed: int = 0, dit_cfg=TINY_DIT, vae_cfg=TINY_VAE) -> Path:
+    """Random weights from `seed`; a fresh call with the same arguments writes identical files."""
+    root = Path(root)
+    assert FlowSchedulerConfig.from_dict(LONGCAT_SCHEDULER)  # the written scheduler is one we load
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        dit, vae = LongCatImageDiT(dit_cfg), ImageVAE(vae_cfg)
+    save_module(dit, root / "transformer", dit_cfg.to_dict())
+    save_module(vae, root / "vae", vae_cfg.to_dict())
+    save_tiny_text_stack(root, hidden_size=dit_cfg.joint_attention_dim, seed=seed)
+    write_json(root / "scheduler" / "scheduler_config.json", LONGCAT_SCHEDULER)
+    pipeline = "LongCatImageEditPipeline" if edit else "LongCatImagePipeline"
+    write_json(root / "model_index.json", {
+        "_class_name": pipeline, "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+        "text_processor": ["transformers", "Qwen2VLProcessor"], "tokenizer": ["transformers", "Qwen2Tokenizer"],
+        "transformer": ["diffusers", "LongCatImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]})
+    return root
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--edit", action="store_true", help="mark it as a LongCat-Image-Edit checkpoint")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    print(f"wrote {write_tiny_longcat_image(args.out, args.edit, args.seed)}")

@@ -1,0 +1,150 @@
+"""
+Sample images from a LongCat-Image checkpoint with SimpleTuner's validation option names.
+
+    python validate.py --model_family longcat_image --model_flavour final \\
+        --validation_prompt "a red fox in the snow" --validation_resolution 1024x1024 --output_dir out
+    python validate.py --model_flavour edit --validation_image cat.png --validation_prompt "make the cat blue"
+    python validate.py --config config.json          # a SimpleTuner config.json: the same keys, training keys ignored
+
+`--pretrained_model_name_or_path` takes a diffusers-format folder (model_index.json, transformer/, vae/,
+text_encoder/, tokenizer/, text_processor/, scheduler/) or a hub id; without it the flavour picks the release
+(final -> meituan-longcat/LongCat-Image, dev -> -Dev, edit -> -Image-Edit). The same seed gives the same image as
+the official diffusers pipeline (float32 noise from a CPU generator seeded with validation_seed).
+One PNG per image is written to output_dir and its path printed. Bad input exits with a one-line reason.
+"""
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from config import ConfigError, load_config
+
+FAMILIES = ("longcat_image",)
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ValidateConfig:
+    model_family: str = "longcat_image"
+    model_flavour: str = "final"  # final | dev | edit
+    pretrained_model_name_or_path: Optional[str] = None
+    validation_prompt: str = "A photo of a cat sitting on a wooden table, soft morning light."
+    validation_negative_prompt: str = ""
+    validation_resolution: Optional[str] = None  # "WxH" or "N" (square), comma-separated for several; Edit: official rule
+    validation_guidance: float = 4.5
+    validation_num_inference_steps: int = 50
+    validation_seed: int = 42
+    validation_image: Optional[str] = None  # Edit reference image
+    num_validation_images: int = 1
+    validation_cfg_renorm: bool = True  # T2I only, as in the official pipeline
+    validation_cfg_renorm_min: float = 0.0
+    enable_prompt_rewrite: bool = False  # rewrite with the text encoder's LM head before encoding (T2I)
+    prompt_quote_pairs: str = "official"  # official (36 pairs, as trained) | diffusers (4 pairs)
+    output_dir: str = "output/validation"
+    device: Optional[str] = None  # default: cuda if available else cpu
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+
+
+def parse_resolutions(spec: Optional[str]):
+    """'1024x768,512' -> [(1024, 768), (512, 512)] as (width, height)."""
+    if spec is None:
+        return [None]
+    sizes = []
+    for part in str(spec).split(","):
+        part = part.strip().lower()
+        try:
+            w, _, h = part.partition("x")
+            sizes.append((int(w), int(h or w)))
+        except ValueError:
+            raise ConfigError(f"validation_resolution: {part!r} is not WxH or N") from None
+    return sizes
+
+
+def check(cfg: ValidateConfig):
+    if cfg.model_family not in FAMILIES:
+        raise ConfigError(f"model_family {cfg.model_family!r}: this validate.py supports {', '.join(FAMILIES)}")
+    if cfg.model_flavour not in ("final", "dev", "edit"):
+        raise ConfigError(f"model_flavour {cfg.model_flavour!r}: expected final, dev or edit")
+    if cfg.prompt_quote_pairs not in ("official", "diffusers"):
+        raise ConfigError(f"prompt_quote_pairs {cfg.prompt_quote_pairs!r}: expected official or diffusers")
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype {cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
+    if cfg.validation_num_inference_steps < 1 or cfg.num_validation_images < 1:
+        raise ConfigError("validation_num_inference_steps and num_validation_images must be >= 1")
+    from model.pipeline_image import check_size
+    for size in parse_resolutions(cfg.validation_resolution):
+        if size is not None:
+            try:
+                check_size(*size)
+            except ValueError as e:
+                raise ConfigError(f"validation_resolution: {e}") from None
+    if cfg.model_flavour == "edit":
+        if not cfg.validation_image:
+            raise ConfigError("model_flavour edit needs a reference image: --validation_image path/to/image.png")
+        if not os.path.isfile(cfg.validation_image):
+            raise ConfigError(f"validation_image not found: {cfg.validation_image}")
+
+
+def main(argv):
+    cfg = load_config(ValidateConfig, argv)
+    check(cfg)
+    from PIL import Image, ImageOps
+
+    from model.loading import load_longcat_image
+    from model.pipeline_image import SamplingOptions, generate_edit, generate_t2i
+    from model.text_qwen import QUOTE_PAIRS_DIFFUSERS, QUOTE_PAIRS_OFFICIAL
+
+    reference = None
+    if cfg.model_flavour == "edit":
+        try:
+            reference = ImageOps.exif_transpose(Image.open(cfg.validation_image)).convert("RGB")
+        except OSError as e:
+            raise ConfigError(f"validation_image {cfg.validation_image}: cannot read it as an image ({e})") from None
+
+    t0 = time.time()
+    m = load_longcat_image(cfg.pretrained_model_name_or_path, cfg.model_flavour, device=cfg.device,
+                           dtype=DTYPES[cfg.dtype])
+    print(f"loaded {m.path} ({'edit' if m.is_edit else 't2i'}) on {m.device} in {m.dtype} in {time.time() - t0:.1f}s")
+    if cfg.model_flavour != "edit" and m.is_edit:
+        raise ConfigError(f"{m.path} is a LongCat-Image-Edit checkpoint: use --model_flavour edit with --validation_image")
+
+    opts = SamplingOptions(num_inference_steps=cfg.validation_num_inference_steps,
+                           guidance_scale=cfg.validation_guidance, cfg_renorm=cfg.validation_cfg_renorm,
+                           cfg_renorm_min=cfg.validation_cfg_renorm_min)
+    quotes = QUOTE_PAIRS_OFFICIAL if cfg.prompt_quote_pairs == "official" else QUOTE_PAIRS_DIFFUSERS
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    for size in parse_resolutions(cfg.validation_resolution):
+        generator = torch.Generator("cpu").manual_seed(cfg.validation_seed)
+        if m.is_edit:
+            w, h = size if size else (None, None)
+            images = generate_edit(m, cfg.validation_prompt, reference, width=w, height=h, generator=generator,
+                                   negative_prompt=cfg.validation_negative_prompt, opts=opts,
+                                   num_images_per_prompt=cfg.num_validation_images, quote_pairs=quotes)
+        else:
+            w, h = size if size else (1024, 1024)
+            images = generate_t2i(m, cfg.validation_prompt, width=w, height=h, generator=generator,
+                                  negative_prompt=cfg.validation_negative_prompt, opts=opts,
+                                  num_images_per_prompt=cfg.num_validation_images,
+                                  rewrite=cfg.enable_prompt_rewrite, quote_pairs=quotes)
+        for i, im in enumerate(images):
+            path = os.path.join(cfg.output_dir, f"{cfg.model_flavour}-{im.width}x{im.height}-seed{cfg.validation_seed}-{i}.png")
+            im.save(path)
+            print(f"wrote {path}")
+
+
+def cli(argv) -> int:
+    """main() with bad input turned into a one-line reason on stderr and exit status 2."""
+    from model.loading import WeightsError
+    try:
+        main(argv)
+    except (ConfigError, WeightsError, ValueError, OSError) as e:
+        print(f"validate.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))
