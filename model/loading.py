@@ -113,10 +113,11 @@ def load_image_dit(folder, device=None, dtype=None) -> LongCatImageDiT:
     return load_weights(dit, load_safetensors(folder), f"transformer ({folder})", dtype, device).eval()
 
 
-def load_image_vae(path, device=None, dtype=None) -> ImageVAE:
-    """A diffusers `vae/` folder, or a single BFL `ae.safetensors` (FLUX.1 config assumed, keys converted)."""
+def load_image_vae(path, device=None, dtype=None, config: ImageVAEConfig = None) -> ImageVAE:
+    """A diffusers `vae/` folder, or a single file such as BFL's `ae.safetensors` (keys converted; the FLUX.1 config
+    unless `config` is given)."""
     path = Path(path)
-    cfg = ImageVAEConfig.from_dict(read_json(path / "config.json")) if path.is_dir() else ImageVAEConfig()
+    cfg = ImageVAEConfig.from_dict(read_json(path / "config.json")) if path.is_dir() else (config or ImageVAEConfig())
     sd = load_safetensors(path)
     if is_bfl_vae_state_dict(sd):
         sd = convert_bfl_vae_state_dict(sd)
