@@ -94,7 +94,7 @@ def main(argv):
     from PIL import Image, ImageOps
 
     from model.loading import load_longcat_image
-    from model.pipeline_image import SamplingOptions, generate_edit, generate_t2i
+    from model.pipeline_image import SamplingOptions
     from model.text_qwen import QUOTE_PAIRS_DIFFUSERS, QUOTE_PAIRS_OFFICIAL
 
     reference = None
@@ -115,24 +115,48 @@ def main(argv):
                            guidance_scale=cfg.validation_guidance, cfg_renorm=cfg.validation_cfg_renorm,
                            cfg_renorm_min=cfg.validation_cfg_renorm_min)
     quotes = QUOTE_PAIRS_OFFICIAL if cfg.prompt_quote_pairs == "official" else QUOTE_PAIRS_DIFFUSERS
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    for size in parse_resolutions(cfg.validation_resolution):
-        generator = torch.Generator("cpu").manual_seed(cfg.validation_seed)
-        if m.is_edit:
-            w, h = size if size else (None, None)
-            images = generate_edit(m, cfg.validation_prompt, reference, width=w, height=h, generator=generator,
-                                   negative_prompt=cfg.validation_negative_prompt, opts=opts,
-                                   num_images_per_prompt=cfg.num_validation_images, quote_pairs=quotes)
-        else:
-            w, h = size if size else (1024, 1024)
-            images = generate_t2i(m, cfg.validation_prompt, width=w, height=h, generator=generator,
-                                  negative_prompt=cfg.validation_negative_prompt, opts=opts,
-                                  num_images_per_prompt=cfg.num_validation_images,
-                                  rewrite=cfg.enable_prompt_rewrite, quote_pairs=quotes)
-        for i, im in enumerate(images):
-            path = os.path.join(cfg.output_dir, f"{cfg.model_flavour}-{im.width}x{im.height}-seed{cfg.validation_seed}-{i}.png")
-            im.save(path)
-            print(f"wrote {path}")
+    for path in render(m, [(cfg.validation_prompt, reference)], cfg.output_dir, opts,
+                       parse_resolutions(cfg.validation_resolution), seed=cfg.validation_seed,
+                       negative_prompt=cfg.validation_negative_prompt, num_images=cfg.num_validation_images,
+                       rewrite=cfg.enable_prompt_rewrite, quote_pairs=quotes, grid=False):
+        print(f"wrote {path}")
+
+
+def render(m, jobs, out_dir, opts, sizes, *, seed, negative_prompt="", num_images=1, rewrite=False,
+           quote_pairs=None, grid=True) -> list:
+    """jobs: [(prompt, reference PIL image or None)]. Renders every job at every size (None: the model's default
+    size: 1024^2, or the official Edit rule) with a fresh CPU generator seeded with `seed`, writes one PNG per image
+    (and grid.png of them all when `grid`), returns the paths."""
+    from PIL import Image
+
+    from model.pipeline_image import generate_edit, generate_t2i
+    from model.text_qwen import QUOTE_PAIRS_OFFICIAL
+    quote_pairs = quote_pairs or QUOTE_PAIRS_OFFICIAL
+    os.makedirs(out_dir, exist_ok=True)
+    paths, images = [], []
+    for j, (prompt, reference) in enumerate(jobs):
+        for size in sizes:
+            generator = torch.Generator("cpu").manual_seed(seed)
+            w, h = size if size else (None, None) if reference is not None else (1024, 1024)
+            kw = dict(width=w, height=h, generator=generator, negative_prompt=negative_prompt, opts=opts,
+                      num_images_per_prompt=num_images, quote_pairs=quote_pairs)
+            if reference is not None:
+                out = generate_edit(m, prompt, reference, **kw)
+            else:
+                out = generate_t2i(m, prompt, rewrite=rewrite, **kw)
+            for i, im in enumerate(out):
+                tag = "edit" if reference is not None else "t2i"
+                paths.append(os.path.join(out_dir, f"{tag}-{j}-{im.width}x{im.height}-seed{seed}-{i}.png"))
+                im.save(paths[-1])
+                images.append(im)
+    if grid and images:
+        sheet = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)), "white")
+        x = 0
+        for im in images:
+            sheet.paste(im, (x, 0))
+            x += im.width
+        sheet.save(os.path.join(out_dir, "grid.png"))
+    return paths
 
 
 def cli(argv) -> int:

@@ -10,14 +10,13 @@ code runs and diffusers itself can open the folder too. The architecture is Long
 and a small byte-level BPE tokenizer with the Qwen2.5 special tokens. Used by the README demo and by the tests.
 """
 import argparse
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from model.dit_image import ImageDiTConfig, LongCatImageDiT
 from model.flow import FlowSchedulerConfig
+from model.loading import save_module_folder, write_json
 from model.tiny_qwen import save_tiny_text_stack
 from model.vae_image import ImageVAE, ImageVAEConfig
 
@@ -31,17 +30,6 @@ LONGCAT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_trai
                      "max_image_seq_len": 4096, "time_shift_type": "exponential"}
 
 
-def write_json(path: Path, d: dict):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(d, indent=2) + "\n")
-
-
-def save_module(module: torch.nn.Module, folder: Path, config: dict):
-    write_json(folder / "config.json", config)
-    sd = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-    save_file(sd, str(folder / "diffusion_pytorch_model.safetensors"))
-
-
 def write_tiny_longcat_image(root, edit: bool = False, seed: int = 0, dit_cfg=TINY_DIT, vae_cfg=TINY_VAE) -> Path:
     """Random weights from `seed`; a fresh call with the same arguments writes identical files."""
     root = Path(root)
@@ -49,8 +37,8 @@ def write_tiny_longcat_image(root, edit: bool = False, seed: int = 0, dit_cfg=TI
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         dit, vae = LongCatImageDiT(dit_cfg), ImageVAE(vae_cfg)
-    save_module(dit, root / "transformer", dit_cfg.to_dict())
-    save_module(vae, root / "vae", vae_cfg.to_dict())
+    save_module_folder(dit, root / "transformer", dit_cfg.to_dict())
+    save_module_folder(vae, root / "vae", vae_cfg.to_dict())
     save_tiny_text_stack(root, hidden_size=dit_cfg.joint_attention_dim, seed=seed)
     write_json(root / "scheduler" / "scheduler_config.json", LONGCAT_SCHEDULER)
     pipeline = "LongCatImageEditPipeline" if edit else "LongCatImagePipeline"

@@ -229,17 +229,19 @@ class Decoder(nn.Module):
 # -----------------------------------------------------------------------------
 # the autoencoder
 
-def latents_from_moments(mean, logvar, sample: bool = False, generator: torch.Generator | None = None):
+def latents_from_moments(mean, logvar, sample: bool = False, generator: torch.Generator | None = None, eps=None):
     """Posterior mode (mean) or one draw mean + exp(logvar / 2) * eps, in raw VAE space (not normalised).
     eps is drawn like diffusers' DiagonalGaussianDistribution.sample: shape and dtype of `mean`, on the generator's
     device (a CPU generator draws on the CPU, then moves), so the same generator state gives the same latents.
     A latent cache stores (mean, logvar) and later calls vae.normalize(latents_from_moments(...)); for that an
-    ImageVAE built under torch.device("meta") is enough (normalize only reads the config)."""
+    ImageVAE built under torch.device("meta") is enough (normalize only reads the config). `eps` (shape of mean) may
+    be given instead of a generator, e.g. drawn for a whole global batch by a trainer."""
     if not sample:
         return mean
-    device = generator.device if generator is not None else mean.device
-    eps = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
-    return mean + torch.exp(0.5 * logvar) * eps
+    if eps is None:
+        device = generator.device if generator is not None else mean.device
+        eps = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar) * eps.to(mean.device, mean.dtype)
 
 
 class ImageVAE(nn.Module):
