@@ -101,10 +101,13 @@ def _save_tensors(path, tensors: dict, metadata: dict | None = None):
     _fsync(path)
 
 
+TMP_MARK = ".tmp-"  # in the names of temp files that atomic writes rename into place
+
+
 def _atomic(path, write):  # write(tmp) to a temp file beside `path`, then rename it over `path`
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")  # hidden; never matches *.safetensors
     try:
         write(tmp)
     except BaseException:

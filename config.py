@@ -10,7 +10,6 @@ the leading `--` (SimpleTuner accepts both), and `//` comments are allowed (the 
 import dataclasses
 import difflib
 import json
-import re
 import types
 import typing
 

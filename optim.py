@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from config import ConfigError
+
 OPTIMIZERS = {"adamw": "adamw", "adamw_bf16": "adamw", "torch-adamw": "adamw", "adamw8bit": "adamw8bit",
               "bnb-adamw8bit": "adamw8bit", "ao-adamw8bit": "adamw8bit"}
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "sine")
@@ -17,9 +19,9 @@ SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wit
 
 def check_optimizer_options(optimizer: str, lr_scheduler: str):
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer {optimizer!r} is not supported; choose one of {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"optimizer {optimizer!r} is not supported; choose one of {', '.join(OPTIMIZERS)}")
     if lr_scheduler not in SCHEDULES:
-        raise ValueError(f"lr_scheduler {lr_scheduler!r} is not supported; choose one of {', '.join(SCHEDULES)}")
+        raise ConfigError(f"lr_scheduler {lr_scheduler!r} is not supported; choose one of {', '.join(SCHEDULES)}")
 
 
 def make_optimizer(params, name: str, lr: float, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8):

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -205,8 +205,8 @@ def validation(cfg, m, index, step: int, is_edit: bool):
 def main(argv):
     cfg = load_config(TrainImageConfig, argv, aliases=ALIASES)
     check_config(cfg)
-    from checkpoint import (MetricsLogger, latest_valid_checkpoint, load_checkpoint, peak_memory_bytes,
-                            resolve_resume, rng_state, rotate_checkpoints, save_checkpoint)
+    from checkpoint import (MetricsLogger, load_checkpoint, peak_memory_bytes, resolve_resume, rng_state,
+                            rotate_checkpoints, save_checkpoint)
     from data.buckets import apply_geometry
     from data.cache import (LatentCache, TextCache, edit_compute_fn, files_fingerprint, model_identity,
                             t2i_compute_fn, vae_compute_fn)
@@ -373,7 +373,7 @@ def main(argv):
 
     # ---- the loop ---------------------------------------------------------------------------------------------------
     batches = iter(sampler)
-    metrics_first, metrics_last = [], []  # for the closing summary line
+    history = []  # this session's losses, for the closing summary line
     bar = tqdm(total=max_steps, initial=step, desc="train", disable=not dist.is_main, dynamic_ncols=True)
     while step < max_steps:
         t0 = time.time()
@@ -402,8 +402,7 @@ def main(argv):
         dt = time.time() - t0
         bar.update(1)
         bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", it_s=f"{1 / dt:.2f}")
-        (metrics_first if len(metrics_first) < 20 else metrics_last).append(loss_avg)
-        metrics_last[:] = metrics_last[-20:]
+        history.append(loss_avg)
         if metrics:
             metrics.log(step, loss=loss_avg, lr=lr, step_time=dt, peak_mem_bytes=peak_memory_bytes(device),
                         epoch=sampler.epoch)
@@ -422,22 +421,31 @@ def main(argv):
             dit.train()
         barrier()
     bar.close()
-    if metrics and metrics_first:
-        print0(f"loss: first {len(metrics_first)} steps {sum(metrics_first) / len(metrics_first):.4f} -> "
-               f"last {len(metrics_last)} steps {sum(metrics_last) / len(metrics_last):.4f}")
+    n = min(20, len(history) // 2)
+    if n:
+        print0(f"loss: mean of the first {n} steps {sum(history[:n]) / n:.4f} -> last {n} {sum(history[-n:]) / n:.4f}")
 
     # ---- export -----------------------------------------------------------------------------------------------------
     if dist.is_main:
-        if cfg.model_type == "lora":
-            main_path = save_lora(os.path.join(cfg.output_dir, "pytorch_lora_weights.safetensors"), dit,
-                                  format=cfg.lora_format)
-            comfy = save_lora(os.path.join(cfg.output_dir, "pytorch_lora_weights_comfyui.safetensors"), dit,
-                              format="comfyui")
-            print0(f"wrote {main_path} and {comfy}")
-        else:
-            from model.loading import save_module_folder
-            save_module_folder(dit, os.path.join(cfg.output_dir, "transformer"), dit.cfg.to_dict())
-            print0(f"wrote {os.path.join(cfg.output_dir, 'transformer')}")
+        from model.loading import save_module_folder
+        for suffix, weights in [("", None)] + ([("_ema", ema)] if ema else []):
+            if weights:  # write the EMA weights through the same exporters, then put the trained ones back
+                trained = {n: p.detach().clone() for n, p in trainable.items()}
+                with torch.no_grad():
+                    for n, p in trainable.items():
+                        p.copy_(weights[n])
+            if cfg.model_type == "lora":
+                for fmt, name in ((cfg.lora_format, f"pytorch_lora_weights{suffix}"),
+                                  ("comfyui", f"pytorch_lora_weights{suffix}_comfyui")):
+                    ext = "" if fmt == "peft" else ".safetensors"
+                    print0(f"wrote {save_lora(os.path.join(cfg.output_dir, name + ext), dit, format=fmt)}")
+            else:
+                save_module_folder(dit, os.path.join(cfg.output_dir, f"transformer{suffix}"), dit.cfg.to_dict())
+                print0(f"wrote {os.path.join(cfg.output_dir, f'transformer{suffix}')}")
+            if weights:
+                with torch.no_grad():
+                    for n, p in trainable.items():
+                        p.copy_(trained[n])
         if metrics:
             metrics.close()
     cleanup()

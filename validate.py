@@ -38,6 +38,7 @@ class ValidateConfig:
     validation_num_inference_steps: int = 50
     validation_seed: int = 42
     validation_image: Optional[str] = None  # Edit reference image
+    lora: Optional[str] = None  # a LoRA file or folder: ours, diffusers/PEFT, ComfyUI or kohya layout
     num_validation_images: int = 1
     validation_cfg_renorm: bool = True  # T2I only, as in the official pipeline
     validation_cfg_renorm_min: float = 0.0
@@ -86,6 +87,8 @@ def check(cfg: ValidateConfig):
             raise ConfigError("model_flavour edit needs a reference image: --validation_image path/to/image.png")
         if not os.path.isfile(cfg.validation_image):
             raise ConfigError(f"validation_image not found: {cfg.validation_image}")
+    if cfg.lora and not os.path.exists(cfg.lora):
+        raise ConfigError(f"lora not found: {cfg.lora}")
 
 
 def main(argv):
@@ -108,6 +111,9 @@ def main(argv):
     m = load_longcat_image(cfg.pretrained_model_name_or_path, cfg.model_flavour, device=cfg.device,
                            dtype=DTYPES[cfg.dtype])
     print(f"loaded {m.path} ({'edit' if m.is_edit else 't2i'}) on {m.device} in {m.dtype} in {time.time() - t0:.1f}s")
+    if cfg.lora:
+        from model.lora import load_lora
+        print(f"LoRA {cfg.lora}: {len(load_lora(cfg.lora, m.dit))} modules adapted")
     if cfg.model_flavour != "edit" and m.is_edit:
         raise ConfigError(f"{m.path} is a LongCat-Image-Edit checkpoint: use --model_flavour edit with --validation_image")
 

@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as safetensors_load, save as safetensors_bytes
 from tqdm import tqdm
 
+from checkpoint import TMP_MARK, atomic_write_bytes
 from model.vae_image import latents_from_moments
 
 FORMAT = 1  # bump when the payload or key layout changes: every old file becomes a miss
@@ -89,18 +90,7 @@ def _safe_rel(rel) -> PurePosixPath:
 
 
 def _write_atomic(path: Path, tensors: dict, metadata: dict):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # hidden, never matches *.safetensors
-    data = safetensors_bytes(tensors, metadata=metadata)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt included: never leave a partial file behind
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))  # hidden temp file, fsync, rename
 
 
 class _Cache:
@@ -217,7 +207,7 @@ class _Cache:
         returns them. Off unless called; run it on one rank, with no build in progress."""
         keep = {self.path_for(s) for s in samples}
         stale = [p for d in self._scope(samples) if d.is_dir() for p in sorted(d.rglob("*"))
-                 if p.is_file() and p not in keep and (p.suffix == ".safetensors" or p.name.endswith(".tmp"))]
+                 if p.is_file() and p not in keep and (p.suffix == ".safetensors" or TMP_MARK in p.name)]
         if not dry_run:
             for p in stale:
                 p.unlink(missing_ok=True)

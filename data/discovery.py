@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional, Union
 
+from checkpoint import atomic_write_json
 from data.buckets import BucketPlanner, Geometry, check_alignment, format_bucket_table
 from data.images import IMAGE_EXTENSIONS, BadSample, image_size, probe_image
 
@@ -268,7 +269,7 @@ class DataIndex:
             "warnings": self.warnings,
         }
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        _write_json(path, report)
+        atomic_write_json(path, report)
         self.report_path = path
         return path
 
@@ -285,13 +286,6 @@ class DataIndex:
         if self.warnings:
             lines.append(f"  {len(self.warnings)} warning(s), e.g. {self.warnings[0]}")
         return "\n".join(lines)
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)  # atomic: ranks writing the same file never leave a torn one
 
 
 def _counts(spec, files, excluded_here, usable) -> dict:
@@ -323,7 +317,7 @@ def discover(specs: list, *, seed: int = 0, alignment: int = 64, is_edit: bool =
              for s in used}
     if cache_path:  # rewritten with the current files only, so entries of deleted files do not pile up
         os.makedirs(output_dir, exist_ok=True)
-        _write_json(cache_path, {f.path: cache[f.path] for fs in files.values() for f in fs if f.path in cache})
+        atomic_write_json(cache_path, {f.path: cache[f.path] for fs in files.values() for f in fs if f.path in cache})
 
     excluded, samples, buckets, counts, warnings = [], {}, {}, {}, []
     ref_use = defaultdict(dict)  # reference dataset id -> ref rel -> "used", or why its target was excluded

@@ -70,7 +70,7 @@ class ImageDiTConfig:
             raise ValueError(f"transformer config: axes_dims_rope {self.axes_dims_rope} must be even and sum to "
                              f"attention_head_dim={self.attention_head_dim}")
         if len(self.axes_dims_rope) != 3:
-            raise ValueError(f"transformer config: axes_dims_rope must have 3 entries (modality, row, col)")
+            raise ValueError("transformer config: axes_dims_rope must have 3 entries (modality, row, col)")
 
 
 # -----------------------------------------------------------------------------
@@ -198,8 +198,27 @@ class Attention(nn.Module):
         return self.to_out[0](ox), self.to_add_out(oc)
 
 
+def run(fn, *args, ckpt: bool):
+    """fn(*args), or the same under activation checkpointing (recomputed in backward; forward values identical)."""
+    return checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args)
+
+
+def run_tokens(fn, seq_args, args, ckpt: bool, chunk: int):
+    """fn(*seq_args, *args) for a token-wise fn. Under checkpointing, each chunk of `chunk` tokens is its own
+    checkpoint, so backward holds one chunk's MLP activations (4-5x the model width) at a time, not the sequence's."""
+    S = seq_args[0].shape[1]
+    if not ckpt or S <= chunk:
+        return run(fn, *seq_args, *args, ckpt=ckpt)
+    return torch.cat([run(fn, *(t[:, i:i + chunk] for t in seq_args), *args, ckpt=True) for i in range(0, S, chunk)],
+                     dim=1)
+
+
 class DoubleBlock(nn.Module):
-    """Separate weights for the image stream x and the text stream c, one joint attention over [c; x]."""
+    """
+    Separate weights for the image stream x and the text stream c, one joint attention over [c; x].
+    Two halves (attention, then MLPs) that are checkpointed separately when training with gradient checkpointing, so
+    backward holds the activations of one half at a time: the same values as one checkpoint per block, a lower peak.
+    """
 
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
@@ -209,21 +228,27 @@ class DoubleBlock(nn.Module):
         self.ff = FeedForward(dim, 4 * dim)
         self.ff_context = FeedForward(dim, 4 * dim)
 
-    def forward(self, x, c, temb, rope):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb)
-        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
-        ax, ac = self.attn(modulate(x, shift_msa, scale_msa), rope, modulate(c, c_shift_msa, c_scale_msa))
-        x = x + gate_msa[:, None] * ax
-        x = x + gate_mlp[:, None] * self.ff(modulate(x, shift_mlp, scale_mlp))
-        c = c + c_gate_msa[:, None] * ac
-        c = c + c_gate_mlp[:, None] * self.ff_context(modulate(c, c_shift_mlp, c_scale_mlp))
-        if c.dtype == torch.float16:
-            c = c.clip(-65504, 65504)
-        return x, c
+    def attention_half(self, x, c, rope, m, mc):
+        ax, ac = self.attn(modulate(x, m[0], m[1]), rope, modulate(c, mc[0], mc[1]))
+        return x + m[2][:, None] * ax, c + mc[2][:, None] * ac
+
+    def mlp_x(self, x, shift, scale, gate):
+        return x + gate[:, None] * self.ff(modulate(x, shift, scale))
+
+    def mlp_c(self, c, shift, scale, gate):
+        c = c + gate[:, None] * self.ff_context(modulate(c, shift, scale))
+        return c.clip(-65504, 65504) if c.dtype == torch.float16 else c
+
+    def forward(self, x, c, temb, rope, ckpt: bool = False, chunk: int = 1024):
+        # m = (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) for x, mc the same for c
+        m, mc = self.norm1(temb), self.norm1_context(temb)
+        x, c = run(self.attention_half, x, c, rope, m, mc, ckpt=ckpt)
+        return run_tokens(self.mlp_x, [x], m[3:], ckpt, chunk), run_tokens(self.mlp_c, [c], mc[3:], ckpt, chunk)
 
 
 class SingleBlock(nn.Module):
-    """One weight set over h = [c; x]: parallel attention and MLP, fused output projection."""
+    """One weight set over h = [c; x]: parallel attention and MLP, fused output projection. Checkpointed in two
+    segments like DoubleBlock (the MLP segment recomputes the cheap modulation instead of saving it)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
@@ -232,15 +257,20 @@ class SingleBlock(nn.Module):
         self.proj_mlp = nn.Linear(dim, 4 * dim)
         self.proj_out = nn.Linear(5 * dim, dim)  # input = attention (dim) ++ mlp (4 dim)
 
-    def forward(self, x, c, temb, rope):
+    def attention_segment(self, h, rope, shift, scale):
+        return self.attn(modulate(h, shift, scale), rope)
+
+    def mlp_segment(self, h, a, shift, scale, gate):
+        mlp = F.gelu(self.proj_mlp(modulate(h, shift, scale)), approximate="tanh")
+        h = h + gate[:, None] * self.proj_out(torch.cat([a, mlp], dim=2))
+        return h.clip(-65504, 65504) if h.dtype == torch.float16 else h
+
+    def forward(self, x, c, temb, rope, ckpt: bool = False, chunk: int = 1024):
         L = c.shape[1]
         h = torch.cat([c, x], dim=1)
         shift, scale, gate = self.norm(temb)
-        hn = modulate(h, shift, scale)
-        mlp = F.gelu(self.proj_mlp(hn), approximate="tanh")
-        h = h + gate[:, None] * self.proj_out(torch.cat([self.attn(hn, rope), mlp], dim=2))
-        if h.dtype == torch.float16:
-            h = h.clip(-65504, 65504)
+        a = run(self.attention_segment, h, rope, shift, scale, ckpt=ckpt)
+        h = run_tokens(self.mlp_segment, [h, a], (shift, scale, gate), ckpt, chunk)
         return h[:, L:], h[:, :L]
 
 
@@ -268,6 +298,7 @@ class LongCatImageDiT(nn.Module):
         self.norm_out = AdaLN(D, 2)
         self.proj_out = nn.Linear(D, cfg.patch_size ** 2 * cfg.in_channels)
         self.gradient_checkpointing = False
+        self.checkpoint_chunk_tokens = 1024  # with checkpointing: MLPs recomputed per chunk of this many tokens
 
     @property
     def dtype(self):
@@ -284,10 +315,8 @@ class LongCatImageDiT(nn.Module):
         temb = self.time_embed.timestep_embedder(timestep_sinusoid(t).to(x.dtype))  # (B, D)
         c = self.context_embedder(context)
         rope = rope_tables(torch.cat([txt_ids, img_ids], dim=0), self.cfg.axes_dims_rope, self.cfg.rope_theta)
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in [*self.transformer_blocks, *self.single_transformer_blocks]:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, c = checkpoint(block, x, c, temb, rope, use_reentrant=False)
-            else:
-                x, c = block(x, c, temb, rope)
+            x, c = block(x, c, temb, rope, ckpt=ckpt, chunk=self.checkpoint_chunk_tokens)
         scale, shift = self.norm_out(temb)  # (scale, shift): the reverse of the block AdaLNs
         return self.proj_out(modulate(x, shift, scale))

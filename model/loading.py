@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from checkpoint import atomic_save_safetensors, atomic_write_bytes
 
 from model.dit_image import ImageDiTConfig, LongCatImageDiT
 from model.flow import FlowSchedulerConfig
@@ -45,20 +47,14 @@ def read_json(path) -> dict:
 
 
 def write_json(path, d: dict):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(d, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(d, indent=2) + "\n").encode())
 
 
 def save_module_folder(module: torch.nn.Module, folder, config: dict):
     """A diffusers-format component folder: config.json + diffusion_pytorch_model.safetensors (what we load)."""
     folder = Path(folder)
     write_json(folder / "config.json", config)
-    tmp = folder / f".diffusion_pytorch_model.safetensors.tmp{os.getpid()}"
-    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp))
-    os.replace(tmp, folder / "diffusion_pytorch_model.safetensors")
+    atomic_save_safetensors(folder / "diffusion_pytorch_model.safetensors", module.state_dict())
 
 
 def resolve_model_path(name_or_path, flavour=None, flavours=IMAGE_FLAVOURS) -> Path:

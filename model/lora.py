@@ -39,7 +39,6 @@ import collections
 import contextlib
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -48,6 +47,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
+
+from checkpoint import atomic_write_bytes
 
 # Meituan's LongCat-Image train_examples (r=32, alpha 8, gaussian init): ~47.2M parameters on the 10+20-block model
 LONGCAT_IMAGE_LORA_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
@@ -236,24 +237,6 @@ def lora_metadata(model: nn.Module, prefix: str = "transformer") -> dict:
     return {"format": "pt", METADATA_KEY: json.dumps(cfg, indent=2, sort_keys=True)}
 
 
-def _atomic_write(path: Path, data: bytes):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every OS / filesystem)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def save_lora(path, model: nn.Module, format: str = "diffusers", dtype=None) -> Path:
     """Write the adapters as "diffusers" (a file), "comfyui" (a file) or "peft" (a folder); returns the weights file."""
     path = Path(path)
@@ -262,7 +245,7 @@ def save_lora(path, model: nn.Module, format: str = "diffusers", dtype=None) -> 
         path.mkdir(parents=True, exist_ok=True)
         cfg = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "bias": "none",
                "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None, **lora_config(model)}
-        _atomic_write(path / "adapter_config.json", (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write_bytes(path / "adapter_config.json", (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
         path = path / "adapter_model.safetensors"
         data = safetensors_bytes(cast(lora_state_dict(model, "base_model.model.")), {"format": "pt"})
     elif format == "diffusers":
@@ -275,7 +258,7 @@ def save_lora(path, model: nn.Module, format: str = "diffusers", dtype=None) -> 
     else:
         raise ValueError(f"unknown LoRA format {format!r}: use 'diffusers', 'comfyui' or 'peft'")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, data)
+    atomic_write_bytes(path, data)
     return path
 
 
