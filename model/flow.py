@@ -83,6 +83,30 @@ def sampling_schedule(num_steps: int, mu: float, cfg: FlowSchedulerConfig = Flow
     return torch.cat([s, torch.zeros(1)]), timesteps
 
 
+def video_sampling_schedule(num_steps: int, shift: float = 12.0, distill: bool = False):
+    """
+    LongCat-Video's sigmas [n+1] (float32, terminal 0): base = linspace(1, 0.001, n); distill (cfg_step LoRA) = the
+    16 picks floor(linspace(0, 50, n, endpoint=False)) of the 50-point teacher grid 1000, 980, ..., 20 (/1000).
+    Both are then shifted statically with `shift` (12 in the release). Spec: longcat_video.md §6.2.
+    """
+    if distill:
+        grid = np.arange(1000, 0, -20, dtype=np.float64) / 1000  # 1.0, 0.98, ..., 0.02
+        base = grid[np.floor(np.linspace(0, 50, num_steps, endpoint=False)).astype(int)]
+    else:
+        base = np.linspace(1.0, 0.001, num_steps)
+    s = static_shift(shift, np.array(base).astype(np.float32))
+    return torch.cat([torch.from_numpy(np.asarray(s, dtype=np.float32)), torch.zeros(1)])
+
+
+def cfg_zero_star(v_cond, v_uncond, scale: float):
+    """CFG with the per-sample optimised scale s* = <v_c, v_u> / (|v_u|^2 + 1e-8) over all elements of a sample:
+    v = s* v_u + g (v_c - s* v_u). (LongCat-Video; no zero-init of early steps.) Spec: longcat_video.md §6.3."""
+    dims = tuple(range(1, v_cond.ndim))
+    vc, vu = v_cond.float(), v_uncond.float()
+    s = (vc * vu).sum(dims, keepdim=True) / (vu.square().sum(dims, keepdim=True) + 1e-8)
+    return (s * vu + scale * (vc - s * vu)).to(v_cond.dtype)
+
+
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
     """x_next = x + (sigma_next - sigma) v, with x upcast to fp32 and the result in v's dtype (sigmas: 0-dim fp32)."""
     return (x.to(torch.float32) + (sigma_next - sigma) * v).to(v.dtype)

@@ -90,3 +90,26 @@ def test_scheduler_config_rejects_unsupported():
         FlowSchedulerConfig.from_dict({**LONGCAT_SCHED, "use_karras_sigmas": True})
     cfg = FlowSchedulerConfig.from_dict({**dict(FlowMatchEulerDiscreteScheduler(**LONGCAT_SCHED).config)})
     assert cfg.use_dynamic_shifting and cfg.max_shift == 1.15
+
+
+def test_video_schedules_match_the_spec_values():
+    from model.flow import video_sampling_schedule
+    s = video_sampling_schedule(50, shift=12.0)
+    assert len(s) == 51 and s[0] == 1.0 and s[-1] == 0.0
+    assert [round(v, 4) for v in s[-4:-1].tolist()] == [0.3435, 0.2078, 0.0119]  # spec §6.2: ... 0.344, 0.208, 0.0119
+    assert (s[:-1] * 1000 > 500).sum() == 46  # 46 of the 50 timesteps above 500
+    d = video_sampling_schedule(16, shift=12.0, distill=True)
+    assert len(d) == 17 and round(d[1].item(), 4) == 0.9947 and [round(v, 4) for v in d[-3:-1].tolist()] == [0.6614, 0.5106]
+    raw = video_sampling_schedule(16, shift=1.0, distill=True)  # unshifted: the teacher-grid picks
+    assert [round(v, 2) for v in raw[:-1].tolist()] == [1.0, .94, .88, .82, .76, .70, .64, .58, .50, .44, .38, .32,
+                                                       .26, .20, .14, .08]
+
+
+def test_cfg_zero_star():
+    from model.flow import cfg_zero_star
+    vc, vu = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 16, 3, 4, 4)
+    out = cfg_zero_star(vc, vu, 4.0)
+    for b in range(2):
+        s = (vc[b] * vu[b]).sum() / (vu[b].square().sum() + 1e-8)
+        assert torch.allclose(out[b], s * vu[b] + 4.0 * (vc[b] - s * vu[b]), atol=1e-5)
+    assert torch.allclose(cfg_zero_star(vc, vc, 4.0), vc, atol=1e-5)  # identical branches: s* = 1, no guidance
