@@ -131,7 +131,7 @@ def atomic_save_safetensors(path, tensors: dict, metadata: dict | None = None):
 
 
 def read_json(path):
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -377,6 +377,21 @@ def resolve_resume(output_dir, resume_from_checkpoint, log=print) -> Path | None
         raise FileNotFoundError(f"resume_from_checkpoint={value!r}: no such folder (looked in {output_dir} too)")
     verify_checkpoint(path)
     return path
+
+
+def set_aside_newer(output_dir, step: int, log=print) -> list:
+    """Resuming from an older checkpoint abandons the newer ones: rename them to `abandoned-checkpoint-<N>` (kept,
+    never resumed from or rotated away) so `latest` means this run from now on. Rank 0 only."""
+    moved = []
+    if _rank() != 0:
+        return moved
+    for n, path in find_checkpoints(output_dir):
+        if n > step:
+            target = Path(path).with_name(f"abandoned-{Path(path).name}")
+            os.replace(path, target)
+            moved.append(str(target))
+            log(f"resuming from step {step}: set aside the newer {Path(path).name} as {target.name}")
+    return moved
 
 
 def rotate_checkpoints(output_dir, total_limit: int | None, *, keep=None, log=print) -> list[Path]:

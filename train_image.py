@@ -12,9 +12,10 @@ checkpoints, validation images, metrics.jsonl) -> LoRA export (diffusers/PEFT an
 
 The objective is the official one (specs/longcat_image.md §8.1): x_sigma = (1 - sigma) x0 + sigma eps, the network
 predicts eps - x0, MSE in fp32; sigma = sigmoid(N(0, s)) then shifted; Edit appends the clean reference tokens
-(modality 2, same timestep) and the loss covers the target tokens only. Every random draw of a step comes from one
-generator seeded by `seed` and drawn for the whole global batch, so resuming and changing the number of processes
-(same global batch) give the same run.
+(modality 2, same timestep) and the loss covers the target tokens only. Every random draw of a step (noise, sigma, posterior
+sample, caption choice and dropout) comes from one generator seeded by `seed` and drawn for the whole global batch, so
+a resumed run equals the uninterrupted one, and N processes equal one with the same global batch (LoRA dropout
+masks, drawn per rank, are the one exception: with lora_dropout > 0 the runs agree in distribution only).
 """
 import math
 import os
@@ -81,13 +82,34 @@ class TrainImageConfig:
     flow_sigmoid_scale: float = 1.0
     flow_use_uniform_schedule: bool = False
     latent_sample_mode: str = "sample"  # sample (official trainer) | mode: how cached posteriors become latents
-    # data defaults for every dataset (SimpleTuner global flags)
+    # data defaults for every dataset that does not set them (SimpleTuner global flags)
     aspect_bucket_alignment: int = 64
     resolution: Optional[float] = None
     resolution_type: Optional[str] = None
     caption_strategy: Optional[str] = None
+    instance_prompt: Optional[str] = None
     minimum_image_size: Optional[float] = None
+    maximum_image_size: Optional[float] = None
+    target_downsample_size: Optional[float] = None
+    crop: Optional[bool] = None
+    crop_style: Optional[str] = None
+    crop_aspect: Optional[str] = None
+    cache_dir_vae: Optional[str] = None
     vae_batch_size: int = 4
+    # SimpleTuner options that would change what is trained and that this version does not implement: accepted only
+    # at their neutral value, so a config that relies on them fails at start-up instead of training something else
+    lora_type: str = "standard"
+    use_dora: bool = False
+    loss_type: str = "l2"
+    flow_use_beta_schedule: bool = False
+    flow_custom_timesteps: Optional[str] = None
+    train_text_encoder: bool = False
+    pretrained_transformer_model_name_or_path: Optional[str] = None
+    pretrained_vae_model_name_or_path: Optional[str] = None
+    musubi_blocks_to_swap: int = 0
+    enable_group_offload: bool = False
+    fsdp_enable: bool = False
+    deepspeed_config: Optional[str] = None
     # checkpoints
     checkpoint_step_interval: int = 500
     checkpoints_total_limit: int = 5
@@ -96,7 +118,7 @@ class TrainImageConfig:
     # validation
     validation_prompt: Optional[str] = None
     validation_negative_prompt: str = ""
-    validation_resolution: str = "1024x1024"
+    validation_resolution: Optional[str] = None  # None: 1024x1024 (T2I); the official size rule (Edit)
     validation_guidance: float = 4.5
     validation_num_inference_steps: int = 30
     validation_seed: int = 42
@@ -108,6 +130,10 @@ class TrainImageConfig:
 
 
 ALIASES = {"checkpointing_steps": "checkpoint_step_interval", "validation_steps": "validation_step_interval"}
+NOT_YET = dict(lora_type="standard", use_dora=False, loss_type="l2", flow_use_beta_schedule=False,
+               flow_custom_timesteps=None, train_text_encoder=False, pretrained_transformer_model_name_or_path=None,
+               pretrained_vae_model_name_or_path=None, musubi_blocks_to_swap=0, enable_group_offload=False,
+               fsdp_enable=False, deepspeed_config=None)
 
 
 def check_config(cfg: TrainImageConfig):
@@ -125,6 +151,29 @@ def check_config(cfg: TrainImageConfig):
     if cfg.base_model_precision not in ("no_change", "bf16", "fp32"):
         raise ConfigError(f"base_model_precision {cfg.base_model_precision!r}: quantized base weights are not "
                           "available yet in this version; use no_change, bf16 or fp32")
+    for key, neutral in NOT_YET.items():
+        if getattr(cfg, key) != neutral:
+            raise ConfigError(f"{key}={getattr(cfg, key)!r} is not supported by this version of train_image.py "
+                              f"(remove it or set {neutral!r})")
+    from data.buckets import check_alignment
+    try:
+        check_alignment(cfg.aspect_bucket_alignment)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
+        raise ConfigError(f"lora_alpha must be > 0 (or unset, meaning lora_rank), got {cfg.lora_alpha}")
+    if cfg.validation_num_inference_steps < 1 or cfg.num_validation_images < 1:
+        raise ConfigError("validation_num_inference_steps and num_validation_images must be >= 1")
+    if cfg.init_lora and (cfg.model_type != "lora" or not os.path.exists(cfg.init_lora)):
+        raise ConfigError(f"init_lora {cfg.init_lora!r}: " + ("needs model_type lora" if cfg.model_type != "lora"
+                                                              else "file not found"))
+    if cfg.optimizer in ("adamw8bit", "bnb-adamw8bit", "ao-adamw8bit"):
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"optimizer {cfg.optimizer} needs bitsandbytes (pip install bitsandbytes)") from None
     if cfg.mixed_precision == "fp16":
         raise ConfigError("mixed_precision fp16 is not supported for LongCat (it overflows); use bf16 or no")
     for key in ("train_batch_size", "gradient_accumulation_steps", "lora_rank", "vae_batch_size"):
@@ -135,12 +184,13 @@ def check_config(cfg: TrainImageConfig):
     if cfg.max_train_steps <= 0 and cfg.num_train_epochs <= 0:
         raise ConfigError("set max_train_steps or num_train_epochs to a positive number")
     check_optimizer_options(cfg.optimizer, cfg.lr_scheduler)
-    if not cfg.validation_disable and cfg.validation_prompt is not None:
+    if not cfg.validation_disable:
         from validate import parse_resolutions
         from model.pipeline_image import check_size
         for size in parse_resolutions(cfg.validation_resolution):
             try:
-                check_size(*size)
+                if size:
+                    check_size(*size)
             except ValueError as e:
                 raise ConfigError(f"validation_resolution: {e}") from None
 
@@ -206,7 +256,7 @@ def main(argv):
     cfg = load_config(TrainImageConfig, argv, aliases=ALIASES)
     check_config(cfg)
     from checkpoint import (MetricsLogger, load_checkpoint, peak_memory_bytes, resolve_resume, rng_state,
-                            rotate_checkpoints, save_checkpoint)
+                            rotate_checkpoints, save_checkpoint, set_aside_newer)
     from data.buckets import apply_geometry
     from data.cache import (LatentCache, TextCache, edit_compute_fn, files_fingerprint, model_identity,
                             t2i_compute_fn, vae_compute_fn)
@@ -236,12 +286,18 @@ def main(argv):
            f"{device.type}, weights {weight_dtype}")
 
     # ---- data -------------------------------------------------------------------------------------------------------
-    defaults = {k: getattr(cfg, k) for k in ("resolution", "resolution_type", "caption_strategy", "minimum_image_size")}
+    from data.datasets import GLOBAL_DEFAULT_KEYS
+    defaults = {k: getattr(cfg, k) for k in GLOBAL_DEFAULT_KEYS}
     specs = load_datasets(cfg.data_backend_config, is_edit=is_edit, defaults=defaults, log=print0)
     index = discover(specs, seed=cfg.seed, alignment=cfg.aspect_bucket_alignment, is_edit=is_edit,
-                     output_dir=cfg.output_dir, log=print0)  # every rank: identical, atomic writes
-    if dist.is_main:
-        index.write_report(os.path.join(cfg.output_dir, "data_report.json"))
+                     output_dir=cfg.output_dir, log=print0)  # every rank: identical, atomic writes (the report too)
+    if is_edit and cfg.eval_dataset_id is not None and cfg.eval_dataset_id not in index.samples:
+        raise ConfigError(f"eval_dataset_id {cfg.eval_dataset_id!r} is not a training dataset with references; "
+                          f"choose one of {sorted(index.samples)}")
+    if (is_edit and not cfg.validation_disable and cfg.validation_prompt is not None
+            and not (cfg.validation_using_datasets or cfg.eval_dataset_id)):
+        print0("note: Edit validation needs reference images: set validation_using_datasets (or eval_dataset_id); "
+               "no validation images will be rendered")
     print0(index.summary())
     print0(index.bucket_table())
     sampler = BucketBatchSampler(index, batch_size=cfg.train_batch_size, seed=cfg.seed, world_size=dist.world_size,
@@ -252,6 +308,9 @@ def main(argv):
     # ---- models -----------------------------------------------------------------------------------------------------
     m = load_longcat_image(cfg.pretrained_model_name_or_path, cfg.model_flavour, device=device, dtype=weight_dtype)
     dit, vae = m.dit, m.vae
+    if m.is_edit != is_edit:
+        raise ConfigError(f"{m.path} is a LongCat-Image{'-Edit' if m.is_edit else ''} checkpoint but model_flavour is "
+                          f"{cfg.model_flavour!r}")
 
     # ---- caches: VAE posteriors and prompt embeddings, computed once (split across ranks) ----------------------------
     def pixels(sample):
@@ -263,10 +322,12 @@ def main(argv):
 
     weights_id = files_fingerprint(m.path / "vae")
     latent_cache = {ds: LatentCache(spec.cache_dir_vae or os.path.join(cfg.output_dir, "cache", "vae"),
-                                    model_identity(asdict(vae.config), weights_id))
+                                    model_identity({**asdict(vae.config), "dtype": str(weight_dtype)}, weights_id))
                     for ds, spec in index.specs.items()}
     text_cache = TextCache(os.path.join(cfg.output_dir, "cache", "text"),
-                           model_identity({"flavour": cfg.model_flavour}, files_fingerprint(m.path / "text_encoder")),
+                           model_identity({"flavour": cfg.model_flavour, "dtype": str(weight_dtype)},
+                                          *(files_fingerprint(m.path / d) for d in ("text_encoder", "tokenizer",
+                                                                                    "text_processor"))),
                            kind="edit" if is_edit else "t2i")
     samples = index.all_samples()
     images = samples + [s.conditioning for s in samples if s.conditioning is not None]
@@ -294,11 +355,13 @@ def main(argv):
         print0(f"LoRA rank {cfg.lora_rank} alpha {cfg.lora_alpha or cfg.lora_rank} on {len(adapted)} modules")
     else:
         dit.requires_grad_(True)
+    torch.manual_seed(cfg.seed + dist.rank)  # the global RNG feeds only LoRA dropout: a different mask per rank
     for p in dit.parameters():  # trainable weights are kept in fp32 (master weights); autocast does the rest
         if p.requires_grad:
             p.data = p.data.float()
     dit.gradient_checkpointing = cfg.gradient_checkpointing
     dit.train()
+    compute_dtype = dit.x_embedder.weight.dtype  # fp32 when the whole DiT trains (autocast, if on, does bf16 math)
     trainable = {n: p for n, p in dit.named_parameters() if p.requires_grad}
     print0(f"trainable parameters: {sum(p.numel() for p in trainable.values()):,}")
     model = dit
@@ -330,6 +393,7 @@ def main(argv):
         gen.set_state(ckpt.extra_tensors["generator"])
         sampler.load_state_dict(ckpt.state["sampler"], log=print0)
         step = ckpt.step
+        set_aside_newer(cfg.output_dir, step, log=print0)
         print0(f"resumed from {ckpt_path} at step {step}")
     metrics = MetricsLogger(os.path.join(cfg.output_dir, "metrics.jsonl"), resume_step=step if step else None) \
         if dist.is_main else None
@@ -340,7 +404,7 @@ def main(argv):
         logvar = torch.stack([e["logvar"] for e in entries]).float()
         sample = cfg.latent_sample_mode == "sample"
         eps = torch.randn((global_batch, *mean.shape[1:]), generator=gen)[sl] if sample else None
-        return pack_latents(vae.normalize(latents_from_moments(mean, logvar, sample, eps=eps))).to(device, weight_dtype)
+        return pack_latents(vae.normalize(latents_from_moments(mean, logvar, sample, eps=eps))).to(device, compute_dtype)
 
     def make_batch(batch):
         """This rank's share of one global batch; draws for every global position so all ranks stay in step."""
@@ -353,14 +417,14 @@ def main(argv):
         for s, v, d in zip(batch, variant.tolist(), dropped.tolist()):
             caps = caption_variants(s)
             texts.append(CaptionEntry("" if d else caps[v % len(caps)], s.conditioning))
-        embeds = torch.stack([text_cache.load(t)["prompt_embeds"] for t in texts]).to(device, weight_dtype)
+        embeds = torch.stack([text_cache.load(t)["prompt_embeds"] for t in texts]).to(device, compute_dtype)
         # posterior draws for the full global batch, then this rank's slice (same shapes across the batch)
         x0 = latents([latent_cache[s.dataset_id].load(s) for s in batch], sl, global_batch)
         ref = None
         if is_edit:
             ref = latents([latent_cache[s.conditioning.dataset_id].load(s.conditioning) for s in batch], sl, global_batch)
         N = x0.shape[1]
-        noise = torch.randn((global_batch, *x0.shape[1:]), generator=gen)[sl].to(device, weight_dtype)
+        noise = torch.randn((global_batch, *x0.shape[1:]), generator=gen)[sl].to(device, compute_dtype)
         mu = dynamic_shift_mu(N, m.scheduler) if cfg.flow_schedule_auto_shift else None
         sigma = sample_training_sigmas(global_batch, generator=gen, logit_std=cfg.flow_sigmoid_scale,
                                        uniform=cfg.flow_use_uniform_schedule, shift=cfg.flow_schedule_shift,
@@ -417,7 +481,9 @@ def main(argv):
                 rotate_checkpoints(cfg.output_dir, cfg.checkpoints_total_limit, keep=path, log=print0)
         if (not cfg.validation_disable and cfg.validation_step_interval > 0
                 and step % cfg.validation_step_interval == 0 and dist.is_main):
-            validation(cfg, m, index, step, is_edit)
+            dit.eval()  # no LoRA dropout in the previews
+            with autocast:
+                validation(cfg, m, index, step, is_edit)
             dit.train()
         barrier()
     bar.close()
@@ -435,8 +501,9 @@ def main(argv):
                     for n, p in trainable.items():
                         p.copy_(weights[n])
             if cfg.model_type == "lora":
-                for fmt, name in ((cfg.lora_format, f"pytorch_lora_weights{suffix}"),
-                                  ("comfyui", f"pytorch_lora_weights{suffix}_comfyui")):
+                exports = {cfg.lora_format: f"pytorch_lora_weights{suffix}",
+                           "comfyui": f"pytorch_lora_weights{suffix}_comfyui"}  # one file when lora_format is comfyui
+                for fmt, name in exports.items():
                     ext = "" if fmt == "peft" else ".safetensors"
                     print0(f"wrote {save_lora(os.path.join(cfg.output_dir, name + ext), dit, format=fmt)}")
             else:
@@ -453,11 +520,14 @@ def main(argv):
 
 
 def cli(argv) -> int:
+    """main() with bad input turned into a one-line reason on stderr and exit status 2."""
+    from checkpoint import CorruptCheckpoint
+    from data.cache import CacheError
     from data.discovery import DataError
     from model.loading import WeightsError
     try:
         main(argv)
-    except (ConfigError, DataError, WeightsError) as e:
+    except (ConfigError, DataError, WeightsError, CorruptCheckpoint, CacheError, ValueError, OSError) as e:
         print(f"train_image.py: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from checkpoint import atomic_save_safetensors, atomic_write_bytes
+from checkpoint import atomic_save_safetensors, atomic_write_bytes, read_json
 
 from model.dit_image import ImageDiTConfig, LongCatImageDiT
 from model.flow import FlowSchedulerConfig
@@ -39,11 +39,6 @@ def default_device_dtype():
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.bfloat16
     return torch.device("cpu"), torch.float32
-
-
-def read_json(path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def write_json(path, d: dict):

@@ -109,12 +109,14 @@ def generate_t2i(m, prompts, *, width=1024, height=1024, negative_prompt="", gen
     if rewrite:
         prompts = rewrite_prompts(m.text_encoder, m.text_processor, prompts)
         print(f"rewritten prompt(s): {prompts}")
-    embeds = _repeat(encode_prompt_t2i(m.text_encoder, m.tokenizer, prompts, quote_pairs=quote_pairs), num_images_per_prompt)
+    embeds = _repeat(encode_prompt_t2i(m.text_encoder, m.tokenizer, prompts, quote_pairs=quote_pairs),
+                     num_images_per_prompt).to(m.dit.dtype)  # a no-op unless the DiT is trained in another dtype
     txt_ids = text_position_ids(embeds.shape[1], device=embeds.device)
     cond, uncond = (embeds, txt_ids), None
     if opts.guidance_scale > 1:
         neg = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        neg_embeds = _repeat(encode_prompt_t2i(m.text_encoder, m.tokenizer, neg, quote_pairs=quote_pairs), num_images_per_prompt)
+        neg_embeds = _repeat(encode_prompt_t2i(m.text_encoder, m.tokenizer, neg, quote_pairs=quote_pairs),
+                             num_images_per_prompt).to(m.dit.dtype)
         uncond = (neg_embeds, text_position_ids(neg_embeds.shape[1], device=embeds.device))
     dtype = embeds.dtype
     generator = generator if generator is not None else torch.Generator("cpu").manual_seed(0)
@@ -143,13 +145,14 @@ def generate_edit(m, prompt: str, image: Image.Image, *, width=None, height=None
     ref_img = image.resize((width, height), resample=Image.Resampling.LANCZOS)
     vl_img = ref_img.resize((width // 2, height // 2), resample=Image.Resampling.LANCZOS)
 
-    embeds = encode_prompt_edit(m.text_encoder, m.tokenizer, m.image_processor, prompt, vl_img, quote_pairs=quote_pairs)
+    embeds = encode_prompt_edit(m.text_encoder, m.tokenizer, m.image_processor, prompt, vl_img,
+                                quote_pairs=quote_pairs).to(m.dit.dtype)
     L = embeds.shape[1]
     embeds = _repeat(embeds, num_images_per_prompt)
     cond, uncond = (embeds, text_position_ids(L, device=m.device)), None
     if opts.guidance_scale > 1:
         neg = encode_prompt_edit(m.text_encoder, m.tokenizer, m.image_processor, negative_prompt, vl_img, quote_pairs=quote_pairs)
-        uncond = (_repeat(neg, num_images_per_prompt), text_position_ids(neg.shape[1], device=m.device))
+        uncond = (_repeat(neg, num_images_per_prompt).to(m.dit.dtype), text_position_ids(neg.shape[1], device=m.device))
     dtype, B = embeds.dtype, embeds.shape[0]
 
     # reference latents: posterior mode, normalised, packed, one copy per generated image

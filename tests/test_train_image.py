@@ -228,3 +228,56 @@ def test_empty_dataset_is_a_clear_error(world, tmp_path, capsys):
     assert "unreadable" in err and "data_report.json" in err
     report = json.loads((tmp_path / "out" / "data_report.json").read_text())
     assert report["excluded"][0]["path"].endswith("broken.png")
+
+
+def test_training_loss_is_the_official_objective():
+    """MSE(pred, eps - x0) at x_sigma = (1 - sigma) x0 + sigma eps, with diffusers' transformer as the predictor;
+    Edit: loss on the target tokens only, while the reference tokens still receive gradient through attention."""
+    from diffusers import LongCatImageTransformer2DModel
+
+    from model.dit_image import ImageDiTConfig, LongCatImageDiT, image_position_ids, text_position_ids
+    torch.manual_seed(0)
+    ref = LongCatImageTransformer2DModel(in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                         axes_dims_rope=[4, 6, 6]).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ours = LongCatImageDiT(ImageDiTConfig.from_dict(dict(ref.config)))
+    ours.load_state_dict(ref.state_dict())
+    x0, eps, c = torch.randn(2, 12, 64), torch.randn(2, 12, 64), torch.randn(2, 7, 32)
+    sigma = torch.tensor([0.3, 0.9])
+    img_ids, txt_ids = image_position_ids(3, 4, 7), text_position_ids(7)
+    got = train_image.training_loss(ours, x0, eps, sigma, c, img_ids, txt_ids)
+    x_t = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * eps
+    with torch.no_grad():
+        pred = ref(hidden_states=x_t, encoder_hidden_states=c, timestep=sigma, img_ids=img_ids, txt_ids=txt_ids).sample
+    want = ((pred - (eps - x0)) ** 2).mean()
+    assert torch.allclose(got, want, rtol=1e-6), (got, want)
+
+    reference = torch.randn(2, 12, 64, requires_grad=True)
+    ids = torch.cat([img_ids, image_position_ids(3, 4, 7, modality=2)])
+    loss = train_image.training_loss(ours, x0, eps, sigma, c, ids, txt_ids, ref=reference)
+    full = ours(torch.cat([x_t, reference], dim=1), c, sigma, ids, txt_ids)
+    assert torch.allclose(loss, ((full[:, :12] - (eps - x0)) ** 2).mean(), rtol=1e-6)
+    loss.backward()
+    assert reference.grad is not None and reference.grad.abs().sum() > 0
+
+
+def test_lr_schedules():
+    from optim import lr_at
+    kw = dict(base_lr=1.0, warmup=4, total=20)
+    assert [lr_at(s, schedule="constant_with_warmup", **kw) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_at(0, schedule="constant", **kw) == 1.0
+    assert lr_at(4, schedule="cosine", **kw) == 1.0 and lr_at(20, schedule="cosine", **kw) == pytest.approx(0.0)
+    assert lr_at(12, schedule="cosine", **kw) == pytest.approx(0.5)
+    assert lr_at(12, schedule="linear", **kw) == pytest.approx(0.5)
+    assert lr_at(20, schedule="polynomial", **kw, lr_end=0.1) == pytest.approx(0.1)
+
+
+def test_resume_from_an_older_checkpoint_sets_the_newer_aside(world, tmp_path):
+    out = tmp_path / "run"
+    train_image.main(args(world, out, max_train_steps=6))
+    train_image.main(args(world, out, max_train_steps=6, resume_from_checkpoint=str(out / "checkpoint-3")))
+    names = sorted(p.name for p in out.iterdir() if "checkpoint" in p.name)
+    assert "abandoned-checkpoint-6" in names and "checkpoint-6" in names  # the new run's own step 6
