@@ -22,7 +22,7 @@ import torch
 
 from config import ConfigError, load_config
 
-FAMILIES = ("longcat_image",)
+FAMILIES = ("longcat_image", "longcat_video")
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -39,6 +39,10 @@ class ValidateConfig:
     validation_seed: int = 42
     validation_image: Optional[str] = None  # Edit reference image
     lora: Optional[str] = None  # a LoRA file or folder: ours, diffusers/PEFT, ComfyUI or kohya layout
+    # LongCat-Video
+    validation_num_video_frames: int = 93  # (F - 1) % 4 == 0
+    framerate: Optional[int] = None  # MP4 frame rate; default 15 (the release's base T2V)
+    save_frames: bool = False  # also write every frame as a PNG next to the MP4
     num_validation_images: int = 1
     validation_cfg_renorm: bool = True  # T2I only, as in the official pipeline
     validation_cfg_renorm_min: float = 0.0
@@ -67,6 +71,19 @@ def parse_resolutions(spec: Optional[str]):
 def check(cfg: ValidateConfig):
     if cfg.model_family not in FAMILIES:
         raise ConfigError(f"model_family {cfg.model_family!r}: this validate.py supports {', '.join(FAMILIES)}")
+    if cfg.model_family == "longcat_video":
+        if cfg.model_flavour != "final":
+            raise ConfigError(f"model_flavour {cfg.model_flavour!r}: LongCat-Video has one flavour, final")
+        from model.vae_video import check_video_size
+        for size in parse_resolutions(cfg.validation_resolution):
+            w, h = size or (832, 480)
+            try:
+                check_video_size(cfg.validation_num_video_frames, h, w)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        if cfg.validation_image and not os.path.isfile(cfg.validation_image):
+            raise ConfigError(f"validation_image not found: {cfg.validation_image}")
+        return
     if cfg.model_flavour not in ("final", "dev", "edit"):
         raise ConfigError(f"model_flavour {cfg.model_flavour!r}: expected final, dev or edit")
     if cfg.prompt_quote_pairs not in ("official", "diffusers"):
@@ -94,6 +111,8 @@ def check(cfg: ValidateConfig):
 def main(argv):
     cfg = load_config(ValidateConfig, argv)
     check(cfg)
+    if cfg.model_family == "longcat_video":
+        return main_video(cfg, argv)
     from PIL import Image, ImageOps
 
     from model.loading import load_longcat_image
@@ -126,6 +145,49 @@ def main(argv):
                        negative_prompt=cfg.validation_negative_prompt, num_images=cfg.num_validation_images,
                        rewrite=cfg.enable_prompt_rewrite, quote_pairs=quotes, grid=False):
         print(f"wrote {path}")
+
+
+def main_video(cfg: ValidateConfig, argv):
+    """LongCat-Video: T2V, or I2V from --validation_image; writes an MP4 (and PNG frames with --save_frames)."""
+    from PIL import Image, ImageOps
+
+    from config import parse_argv, read_json_config
+    from data.video_io import write_frames_png, write_mp4
+    from model.loading import load_longcat_video
+    from model.pipeline_video import generate_video
+    raw = parse_argv(list(argv))
+    named = [str(v) for v in (read_json_config(raw["config"]) if "config" in raw else {}).values()] + list(map(str, raw.values()))
+    if any("qwen" in v.lower() for v in named):
+        print("note: LongCat-Video's released text encoder is umT5-XXL (4096-d, 512 tokens), which is what is used; "
+              "the Qwen2.5-VL named in the config / quickstart does not fit this model")
+    image = None
+    if cfg.validation_image:
+        try:
+            image = ImageOps.exif_transpose(Image.open(cfg.validation_image)).convert("RGB")
+        except OSError as e:
+            raise ConfigError(f"validation_image {cfg.validation_image}: cannot read it as an image ({e})") from None
+    t0 = time.time()
+    m = load_longcat_video(cfg.pretrained_model_name_or_path, device=cfg.device, dtype=DTYPES[cfg.dtype])
+    print(f"loaded {m.path} on {m.device} in {m.dtype} in {time.time() - t0:.1f}s")
+    if cfg.lora:
+        from model.lora import load_lora
+        print(f"LoRA {cfg.lora}: {len(load_lora(cfg.lora, m.dit))} modules adapted")
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    for size in parse_resolutions(cfg.validation_resolution):
+        w, h = size or (832, 480)
+        for i in range(cfg.num_validation_images):
+            generator = torch.Generator("cpu").manual_seed(cfg.validation_seed + i)
+            video = generate_video(m, cfg.validation_prompt, width=w, height=h,
+                                   num_frames=cfg.validation_num_video_frames,
+                                   num_inference_steps=cfg.validation_num_inference_steps, guidance=cfg.validation_guidance,
+                                   negative_prompt=cfg.validation_negative_prompt, generator=generator, image=image)
+            stem = os.path.join(cfg.output_dir, f"{'i2v' if image else 't2v'}-{w}x{h}-{video.shape[2]}f-seed"
+                                                f"{cfg.validation_seed + i}")
+            write_mp4(stem + ".mp4", video[0], fps=cfg.framerate or 15)
+            print(f"wrote {stem}.mp4")
+            if cfg.save_frames:
+                write_frames_png(stem, video[0])
+                print(f"wrote {stem}/ ({video.shape[2]} PNG frames)")
 
 
 def render(m, jobs, out_dir, opts, sizes, *, seed, negative_prompt="", num_images=1, rewrite=False,

@@ -182,3 +182,52 @@ def load_longcat_image(name_or_path=None, flavour="final", device=None, dtype=No
     scheduler = FlowSchedulerConfig.from_dict(read_json(sched_file)) if sched_file.exists() else FlowSchedulerConfig()
     return LongCatImage(dit, vae, text_encoder, tokenizer, text_processor, image_processor, scheduler, is_edit, root,
                         device, dtype)
+
+
+# -----------------------------------------------------------------------------
+# LongCat-Video: dit/ vae/ text_encoder/ tokenizer/ scheduler/ [lora/]
+
+VIDEO_FLAVOURS = {"final": "meituan-longcat/LongCat-Video"}
+
+
+@dataclass
+class LongCatVideo:
+    dit: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    shift: float  # static flow shift from scheduler_config.json (12.0 in the release)
+    path: Path
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_longcat_video(name_or_path=None, flavour="final", device=None, dtype=None) -> LongCatVideo:
+    from model.dit_video import LongCatVideoDiT, VideoDiTConfig
+    from model.text_umt5 import load_umt5
+    from model.vae_video import VideoVAE, VideoVAEConfig, convert_wan_vae_state_dict, is_wan_original_state_dict
+
+    d_device, d_dtype = default_device_dtype()
+    device, dtype = torch.device(device or d_device), dtype or d_dtype
+    root = resolve_model_path(name_or_path, flavour, VIDEO_FLAVOURS)
+    missing = [p for p in ("dit", "vae", "text_encoder", "tokenizer") if not (root / p).is_dir()]
+    if missing:
+        raise WeightsError(f"{root}: missing component folder(s) {missing}; expected a LongCat-Video folder "
+                           "(dit/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    try:
+        dit_cfg = VideoDiTConfig.from_dict(read_json(root / "dit" / "config.json"))
+        vae_cfg = VideoVAEConfig.from_dict(read_json(root / "vae" / "config.json"))
+        sched_file = root / "scheduler" / "scheduler_config.json"
+        sched = FlowSchedulerConfig.from_dict(read_json(sched_file)) if sched_file.exists() else None
+    except (ValueError, NotImplementedError) as e:
+        raise WeightsError(f"{root}: {e}") from None
+    if sched is not None and sched.use_dynamic_shifting:
+        raise WeightsError(f"{sched_file}: LongCat-Video uses a static shift (use_dynamic_shifting false)")
+    with torch.device("meta"):
+        dit, vae = LongCatVideoDiT(dit_cfg), VideoVAE(vae_cfg)
+    dit = load_weights(dit, load_safetensors(root / "dit"), f"dit ({root / 'dit'})", dtype, device).eval()
+    sd = load_safetensors(root / "vae")
+    vae = load_weights(vae, convert_wan_vae_state_dict(sd) if is_wan_original_state_dict(sd) else sd,
+                       f"vae ({root / 'vae'})", dtype, device).eval()
+    tokenizer, text_encoder = load_umt5(root, device=device, dtype=dtype)
+    return LongCatVideo(dit, vae, text_encoder, tokenizer, sched.shift if sched else 12.0, root, device, dtype)
