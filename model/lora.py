@@ -292,6 +292,36 @@ def _read(src):
     return sd, config
 
 
+# the official LongCat-Video LoRA files (cfg_step_lora, refinement_lora; longcat_video.md §6.5):
+#   lora___lorahyphen___<module path, "." spelled ___lorahyphen___>.{lora_down.weight | lora_up.weight |
+#   lora_up.blocks.<i>.weight | alpha_scale}; a fused layer (qkv: n=3, kv_linear: n=2) has one down [n*r, in] and n
+#   ups [out/n, r]: output slice i = up_i @ down[i*r:(i+1)*r] @ x, times alpha_scale.
+_LC_PREFIX, _LC_DOT = "lora___lorahyphen___", "___lorahyphen___"
+
+
+def is_longcat_video_lora(sd: dict) -> bool:
+    return bool(sd) and all(k.startswith(_LC_PREFIX) for k in sd)
+
+
+def convert_longcat_video_lora(sd: dict) -> dict:
+    """Official LongCat-Video LoRA -> `<module>.lora_A.weight / .lora_B.weight / .alpha`. A fused layer's n ups
+    become one block-diagonal B [out, n*r] (exactly the same update), and alpha = alpha_scale * n*r so that our
+    scaling alpha / rank equals the stored alpha_scale."""
+    mods = collections.defaultdict(dict)
+    for key, t in sd.items():
+        enc, _, part = key[len(_LC_PREFIX):].partition(".")
+        mods[enc.replace(_LC_DOT, ".")][part] = t
+    out = {}
+    for mod, p in mods.items():
+        ups = [p[f"lora_up.blocks.{i}.weight"] for i in range(len(p)) if f"lora_up.blocks.{i}.weight" in p]
+        ups = ups or [p["lora_up.weight"]]
+        down = p["lora_down.weight"]
+        out[f"{mod}.lora_A.weight"] = down
+        out[f"{mod}.lora_B.weight"] = torch.block_diag(*ups)
+        out[f"{mod}.alpha"] = torch.tensor(float(p.get("alpha_scale", torch.tensor(1.0))) * down.shape[0])
+    return out
+
+
 def _unprefixed_config(config):
     """diffusers writes "transformer.r" etc.; PEFT's adapter_config.json has plain "r"."""
     if not config:
@@ -317,6 +347,8 @@ def load_lora(src, model: nn.Module, metadata=None, dtype=torch.float32) -> list
     Returns the loaded module names. Newly wrapped models are frozen except for the LoRA weights.
     """
     sd, config = (dict(src), None) if isinstance(src, dict) else _read(src)
+    if is_longcat_video_lora(sd):
+        sd = convert_longcat_video_lora(sd)
     config = _unprefixed_config(metadata if metadata is not None else config)
     underscored = {n.replace(".", "_"): n for n, _ in model.named_modules()}
     parts, unknown = collections.defaultdict(dict), []

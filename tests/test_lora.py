@@ -435,3 +435,35 @@ def test_load_errors(tmp_path):
     assert not lora_modules(fresh)  # nothing was changed by a failed load
     with pytest.raises(ValueError, match="unknown LoRA format"):
         save_lora(tmp_path / "y.safetensors", dit, format="kohya")
+
+
+def test_official_longcat_video_lora_loads_into_the_fused_layers():
+    """cfg_step / refinement LoRA layout: ___lorahyphen___ keys, n up blocks for fused qkv (3) and kv_linear (2),
+    a stored alpha_scale: y = W x + b + alpha_scale * [up_i (down_i x)]_i."""
+    from model.dit_video import LongCatVideoDiT, VideoDiTConfig
+    from model.lora import convert_longcat_video_lora, is_longcat_video_lora
+    from model.tiny_checkpoint import TINY_VIDEO_DIT
+    torch.manual_seed(0)
+    dit = LongCatVideoDiT(VideoDiTConfig(**TINY_VIDEO_DIT))
+    r, sd, ref = 4, {}, {}
+    for name, n in (("blocks.0.attn.qkv", 3), ("blocks.1.cross_attn.kv_linear", 2), ("blocks.0.ffn.w1", 1)):
+        layer = dict(dit.named_modules())[name]
+        enc = "lora___lorahyphen___" + name.replace(".", "___lorahyphen___")
+        down = torch.randn(n * r, layer.in_features)
+        ups = [torch.randn(layer.out_features // n, r) for _ in range(n)]
+        sd[f"{enc}.lora_down.weight"] = down
+        if n == 1:
+            sd[f"{enc}.lora_up.weight"] = ups[0]
+        else:
+            sd.update({f"{enc}.lora_up.blocks.{i}.weight": u for i, u in enumerate(ups)})
+        sd[f"{enc}.alpha_scale"] = torch.tensor(0.5)
+        ref[name] = (layer, down, ups)
+    assert is_longcat_video_lora(sd) and len(convert_longcat_video_lora(sd)) == 9
+    loaded = load_lora(sd, dit)
+    assert sorted(loaded) == sorted(ref)
+    modules = dict(dit.named_modules())
+    for name, (base, down, ups) in ref.items():
+        x = torch.randn(3, base.in_features)
+        n = len(ups)
+        want = base(x) + 0.5 * torch.cat([x @ down[i * r:(i + 1) * r].T @ ups[i].T for i in range(n)], dim=-1)
+        assert torch.allclose(modules[name](x), want, atol=1e-5)

@@ -71,3 +71,16 @@ def test_qwen_named_in_a_config_gets_a_note(folder, tmp_path, capsys):
                    ' "validation_num_video_frames": 1, "validation_num_inference_steps": 1}')
     assert validate.cli(["--config", str(cfg), "--output_dir", str(tmp_path)]) == 0
     assert "umT5-XXL" in capsys.readouterr().out
+
+
+def test_continuation_with_kv_cache_equals_plain_cond_mode(folder, monkeypatch):
+    """Video continuation: the cond frames' K/V computed once equals running them in cond mode at every step."""
+    import model.pipeline_video as pv
+    m = load_longcat_video(str(folder))
+    cond = torch.rand(3, 5, 48, 64) * 2 - 1  # 5 frames -> 2 cond latents
+    kw = dict(width=64, height=48, num_frames=13, num_inference_steps=3, guidance=4.0, cond_video=cond, progress=False)
+    cached = generate_video(m, "a ball", generator=torch.Generator().manual_seed(2), **kw)
+    monkeypatch.setattr(m.dit, "cache_cond_kv", lambda latents: None)  # no cache: full cond-mode calls
+    plain = generate_video(m, "a ball", generator=torch.Generator().manual_seed(2), **kw)
+    assert cached.shape == (1, 3, 13, 48, 64)
+    assert (cached - plain).abs().max() < 1e-4
