@@ -75,7 +75,6 @@ def test_qwen_named_in_a_config_gets_a_note(folder, tmp_path, capsys):
 
 def test_continuation_with_kv_cache_equals_plain_cond_mode(folder, monkeypatch):
     """Video continuation: the cond frames' K/V computed once equals running them in cond mode at every step."""
-    import model.pipeline_video as pv
     m = load_longcat_video(str(folder))
     cond = torch.rand(3, 5, 48, 64) * 2 - 1  # 5 frames -> 2 cond latents
     kw = dict(width=64, height=48, num_frames=13, num_inference_steps=3, guidance=4.0, cond_video=cond, progress=False)
