@@ -157,8 +157,14 @@ class _Cache:
         out = (out,) if len(self.names) == 1 else tuple(out)
         if len(out) != len(self.names) or any(len(o) != len(samples) for o in out):
             raise ValueError(f"compute_fn must return {self.names} with {len(samples)} items each")
-        return [{n: o[i].detach().to("cpu", self.dtype).contiguous() for n, o in zip(self.names, out)}
-                for i in range(len(samples))]
+        entries = [{n: o[i].detach().to("cpu", self.dtype).contiguous() for n, o in zip(self.names, out)}
+                   for i in range(len(samples))]
+        for sample, entry in zip(samples, entries):  # found now, at start-up, not when the sample is drawn
+            bad = [n for n, t in entry.items() if not torch.isfinite(t).all()]
+            if bad:
+                raise CacheError(f"{getattr(sample, 'path', None) or getattr(sample, 'caption', '?')}: the encoder "
+                                 f"produced non-finite {', '.join(bad)}; remove or fix that file (or lower precision)")
+        return entries
 
     def _write(self, path: Path, key: dict, tensors: dict):
         shapes = {n: list(t.shape) for n, t in tensors.items()}

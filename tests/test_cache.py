@@ -282,3 +282,18 @@ def test_edit_text_cache_keys_on_reference(tiny, src, tmp_path):
                                 vl_image(refs[0]))[0]
     emb = cache.load(s_c)["prompt_embeds"]
     assert emb.ndim == 2 and torch.equal(emb, direct)
+
+
+def test_non_finite_encoder_output_fails_at_build(tmp_path):
+    """A NaN latent is reported when the cache is built (start-up), naming the file, not when it is drawn."""
+    from types import SimpleNamespace
+
+    from data.cache import CacheError, LatentCache
+    geom = SimpleNamespace(bucket=(16, 16), resize=(16, 16), crop=(0, 0, 16, 16))
+    s = SimpleNamespace(dataset_id="d", path=str(tmp_path / "bad.png"), rel="bad.png", fingerprint="1-2",
+                        geometry=geom, caption="x", conditioning=None)
+    cache = LatentCache(tmp_path / "c", "id")
+    nan = lambda samples: (torch.full((1, 4, 2, 2), float("nan")), torch.zeros(1, 4, 2, 2))  # noqa: E731
+    with pytest.raises(CacheError, match="bad.png.*non-finite mean"):
+        cache.build([s], nan)
+    assert not cache.has(s)
