@@ -1,0 +1,237 @@
+"""Block-sparse attention: reorder, selection, dense-masked reference, torch path, Triton forward (interpreter)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.block_sparse_attention import (
+    block_sparse_attention,
+    block_sparse_attention_ref,
+    block_sparse_attention_torch,
+    block_sparse_attention_triton,
+    bsa_fallback_reason,
+    bsa_forward_triton,
+    num_selected_blocks,
+    reorder_from_chunks,
+    reorder_to_chunks,
+    select_blocks,
+)
+
+
+def rel_l2(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def raster_block_ids(grid_thw, chunk_thw):
+    """beta(t, y, x) = ((t//ct) * Nh + y//ch) * Nw + x//cw for every raster token (spec longcat_video.md §7.2)."""
+    (T, Hp, Wp), (ct, ch, cw) = grid_thw, chunk_thw
+    t, y, x = torch.meshgrid(torch.arange(T), torch.arange(Hp), torch.arange(Wp), indexing="ij")
+    return (((t // ct) * (Hp // ch) + y // ch) * (Wp // cw) + x // cw).flatten()
+
+
+def random_index(B, H, n_q, n_k, n_sel, gen):
+    rows = [torch.randperm(n_k, generator=gen)[:n_sel] for _ in range(B * H * n_q)]
+    return torch.stack(rows).view(B, H, n_q, n_sel)
+
+
+def qkv(B, H, S, D, scale=1.0, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(B, H, S, D, generator=gen) * scale).to(dtype) for _ in range(3)]
+
+
+# -----------------------------------------------------------------------------
+# reorder and selection
+
+
+@pytest.mark.parametrize("grid,chunk", [((4, 4, 8), (2, 2, 4)), ((8, 4, 4), (4, 4, 4)), ((2, 6, 4), (2, 3, 2))])
+def test_reorder_groups_chunks_and_roundtrips(grid, chunk):
+    S, block = math.prod(grid), math.prod(chunk)
+    x = torch.randn(2, 3, S, 5)
+    xc = reorder_to_chunks(x, grid, chunk)
+    assert torch.equal(reorder_from_chunks(xc, grid, chunk), x)
+    # the token at chunk-order position p lies in block p // block, per the raster block-id formula
+    ids = raster_block_ids(grid, chunk).float()[None, None, :, None]
+    idc = reorder_to_chunks(ids.expand(1, 1, S, 1), grid, chunk).flatten()
+    assert torch.equal(idc, (torch.arange(S) // block).float())
+
+
+def test_num_selected_blocks_follows_release_floor():
+    assert num_selected_blocks(100, 0.9) == 9  # (1 - 0.9) * 100 = 9.999... -> 9
+    assert num_selected_blocks(64, 0.9375) == 4
+    assert num_selected_blocks(64, 0.875) == 8
+    assert num_selected_blocks(10, 0.99) == 1  # at least one block
+    assert num_selected_blocks(7, 0.0) == 7
+
+
+@pytest.mark.parametrize("B,H,grid,chunk,sparsity", [
+    (1, 2, (4, 4, 8), (2, 2, 4), 0.75),
+    (2, 3, (8, 4, 4), (2, 2, 2), 0.9),
+    (1, 1, (4, 8, 8), (4, 4, 4), 0.99),
+])
+def test_select_blocks_equals_topk_on_pooled_scores(B, H, grid, chunk, sparsity):
+    S = math.prod(grid)
+    q, k, _ = qkv(B, H, S, 16, seed=1)
+    idx = select_blocks(q, k, grid, chunk, sparsity)
+    # independent pooling in raster order with the block-id formula
+    beta = raster_block_ids(grid, chunk)
+    n = int(beta.max()) + 1
+    count = torch.bincount(beta, minlength=n).double()[:, None]
+    q_bar = torch.zeros(B, H, n, 16, dtype=torch.float64).index_add_(2, beta, q.double()) / count
+    k_bar = torch.zeros(B, H, n, 16, dtype=torch.float64).index_add_(2, beta, k.double()) / count
+    scores = q_bar @ k_bar.transpose(-1, -2)
+    n_sel = max(1, int((1 - sparsity) * n))
+    expect = scores.topk(n_sel, dim=-1).indices.sort(dim=-1).values
+    assert idx.dtype == torch.long and idx.shape == (B, H, n, n_sel)
+    assert torch.equal(idx, expect)
+
+
+# -----------------------------------------------------------------------------
+# reference and torch path
+
+
+@pytest.mark.parametrize("S,block", [(128, 16), (100, 16)])
+def test_ref_with_all_blocks_equals_dense_sdpa(S, block):
+    B, H, D = 2, 2, 32
+    q, k, v = qkv(B, H, S, D)
+    n = math.ceil(S / block)
+    idx = torch.arange(n).expand(B, H, n, n)
+    out = block_sparse_attention_ref(q, k, v, idx, block)
+    assert rel_l2(out, F.scaled_dot_product_attention(q.double(), k.double(), v.double())) <= 1e-6
+
+
+@pytest.mark.parametrize("B,H,S,D,block,n_sel,scale", [
+    (1, 2, 128, 32, 16, 3, 1.0),
+    (2, 3, 128, 16, 16, 2, 4.0),
+    (1, 2, 256, 64, 32, 4, 16.0),
+    (2, 1, 128, 32, 16, 1, 1.0),  # top-k = 1
+    (1, 2, 120, 32, 16, 3, 4.0),  # ragged last block
+])
+def test_torch_path_matches_ref_forward_and_grads(B, H, S, D, block, n_sel, scale):
+    q, k, v = qkv(B, H, S, D, scale=scale, seed=2)
+    n = math.ceil(S / block)
+    idx = random_index(B, H, n, n, n_sel, torch.Generator().manual_seed(3))
+    do = torch.randn(B, H, S, D, generator=torch.Generator().manual_seed(4))
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).clone().requires_grad_() for t in (q, k, v)]
+        o = fn(*leaves)
+        o.backward(do.to(dtype))
+        return [o] + [t.grad for t in leaves]
+
+    ref = run(lambda *t: block_sparse_attention_ref(*t, idx, block), torch.float64)
+    fp64 = run(lambda *t: block_sparse_attention_torch(*t, idx, block), torch.float64)
+    fp32 = run(lambda *t: block_sparse_attention_torch(*t, idx, block), torch.float32)
+    # the fp32 error floor of attention itself: dense SDPA fp32 vs fp64 on the same inputs. At x16 the softmax
+    # saturates and even dense fp32 dq is ~5e-5 off fp64, so the gradient bound is max(1e-5, 2 x that floor).
+    dense = [run(F.scaled_dot_product_attention, dt) for dt in (torch.float32, torch.float64)]
+    for name, a64, a32, r, d32, d64 in zip(["o", "dq", "dk", "dv"], fp64, fp32, ref, *dense):
+        assert rel_l2(a64, r) <= 1e-12, f"{name} fp64"  # same algorithm: exact up to fp64 rounding
+        tol = 1e-5 if name == "o" else max(1e-5, 2 * rel_l2(d32, d64))
+        assert rel_l2(a32, r) <= tol, f"{name} fp32"
+
+
+def test_index_shape_is_checked():
+    q, k, v = qkv(1, 2, 64, 16)
+    with pytest.raises(AssertionError):
+        block_sparse_attention_torch(q, k, v, torch.zeros(1, 2, 3, 1, dtype=torch.long), 16)
+
+
+# -----------------------------------------------------------------------------
+# public entry
+
+
+def test_entry_sparsity_zero_equals_dense_sdpa():
+    grid, chunk = (4, 4, 8), (2, 2, 4)
+    q, k, v = qkv(2, 2, math.prod(grid), 32, seed=5)
+    leaves = [[t.clone().requires_grad_() for t in (q, k, v)] for _ in range(2)]
+    out = block_sparse_attention(*leaves[0], grid, chunk, sparsity=0.0)
+    ref = F.scaled_dot_product_attention(*leaves[1])
+    assert rel_l2(out, ref) <= 1e-5
+    do = torch.randn_like(out)
+    out.backward(do)
+    ref.backward(do)
+    for a, b in zip(leaves[0], leaves[1]):
+        assert rel_l2(a.grad, b.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_entry_matches_raster_order_mask_reference(backend):
+    # spec §7.2: allow[a, b] = M[beta(a), beta(b)], masked softmax in the original raster order, no reordering
+    grid, chunk, sparsity = (4, 4, 8), (2, 2, 4), 0.7
+    B, H, D = 1, 2, 32
+    q, k, v = qkv(B, H, math.prod(grid), D, seed=6)
+    out = block_sparse_attention(q, k, v, grid, chunk, sparsity, backend=backend)
+    idx = select_blocks(q, k, grid, chunk, sparsity)
+    beta = raster_block_ids(grid, chunk)
+    M = torch.zeros(B, H, idx.shape[2], idx.shape[2], dtype=torch.bool).scatter_(-1, idx, True)
+    allow = M[:, :, beta][:, :, :, beta]
+    s = (q.double() @ k.double().transpose(-1, -2)) * D ** -0.5
+    ref = s.masked_fill(~allow, float("-inf")).softmax(-1) @ v.double()
+    assert rel_l2(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("grid,chunk", [((1, 8, 8), (4, 4, 4)), ((6, 8, 8), (4, 4, 4)), ((4, 6, 8), (4, 4, 4))])
+def test_entry_dense_fallback(grid, chunk):
+    assert bsa_fallback_reason(grid, chunk) is not None
+    q, k, v = qkv(1, 2, math.prod(grid), 16)
+    out = block_sparse_attention(q, k, v, grid, chunk, sparsity=0.9)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+    assert bsa_fallback_reason((4, 8, 8), (4, 4, 4)) is None
+
+
+# -----------------------------------------------------------------------------
+# Triton forward (TRITON_INTERPRET=1 on CPU, see tests/conftest.py)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("B,H,S,D,block,n_sel,scale", [
+    (1, 2, 128, 32, 16, 3, 1.0),
+    (2, 1, 256, 64, 32, 2, 4.0),
+    (1, 2, 120, 16, 16, 1, 16.0),  # ragged last block, top-k = 1
+    (1, 1, 144, 24, 48, 2, 1.0),  # non-power-of-2 block (4x4x3) and head dim
+])
+def test_triton_forward_matches_ref(B, H, S, D, block, n_sel, scale, dtype, tol):
+    q, k, v = qkv(B, H, S, D, scale=scale, dtype=dtype, seed=7)
+    n = math.ceil(S / block)
+    idx = random_index(B, H, n, n, n_sel, torch.Generator().manual_seed(8))
+    o, lse = bsa_forward_triton(q, k, v, idx, block)
+    ref = block_sparse_attention_ref(q.double(), k.double(), v.double(), idx, block)
+    assert o.dtype == dtype and rel_l2(o, ref) <= tol
+    # log-sum-exp over the selected keys of the scaled logits
+    allow = torch.zeros(B, H, n, n, dtype=torch.bool).scatter_(-1, idx, True)
+    allow = allow.repeat_interleave(block, 2)[:, :, :S].repeat_interleave(block, 3)[..., :S]
+    s = (q.double() @ k.double().transpose(-1, -2)) * D ** -0.5
+    lse_ref = s.masked_fill(~allow, float("-inf")).logsumexp(-1)
+    assert rel_l2(lse, lse_ref) <= tol
+
+
+def test_triton_autograd_recompute_matches_torch_path():
+    B, H, S, D, block = 1, 2, 128, 32, 16
+    q, k, v = qkv(B, H, S, D, scale=4.0, seed=9)
+    idx = random_index(B, H, 8, 8, 3, torch.Generator().manual_seed(10))
+    do = torch.randn(B, H, S, D)
+    grads = []
+    for fn in (block_sparse_attention_triton, block_sparse_attention_torch):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        fn(*leaves, idx, block).backward(do)
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        assert rel_l2(a, b) <= 1e-6
+
+
+def test_triton_forward_never_reads_padding():
+    # NaN-poisoned storage around strided views: a missing mask on the ragged sequence tail or on the padded head dim
+    # would put NaN into the output (the interpreter does not catch out-of-bounds reads itself)
+    B, H, S, D, block = 1, 2, 120, 24, 16
+    q, k, v = qkv(B, H, S, D, seed=11)
+    views = []
+    for t in (q, k, v):
+        big = torch.full((B, H, S + 40, D + 8), float("nan"))
+        big[:, :, :S, :D] = t
+        views.append(big[:, :, :S, :D])  # non-contiguous, NaN right after every row and after the last token
+    idx = random_index(B, H, 8, 8, 3, torch.Generator().manual_seed(12))
+    o, lse = bsa_forward_triton(*views, idx, block)
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    assert rel_l2(o, block_sparse_attention_ref(q, k, v, idx, block)) <= 1e-5
