@@ -41,7 +41,7 @@ class TrainImageConfig:
     model_family: str = "longcat_image"
     model_flavour: str = "final"  # final | dev | edit
     pretrained_model_name_or_path: Optional[str] = None
-    base_model_precision: str = "no_change"  # no_change | bf16 | fp32 (quantized bases: quant/)
+    base_model_precision: str = "no_change"  # no_change | bf16 | fp32 | int8-*/fp8-* (ours) | int8-bnb | nf4-bnb
     data_backend_config: str = "config/multidatabackend.json"
     output_dir: str = "output/longcat-image"
     seed: int = 42
@@ -148,9 +148,14 @@ def check_config(cfg: TrainImageConfig):
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"{key} {getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
-    if cfg.base_model_precision not in ("no_change", "bf16", "fp32"):
-        raise ConfigError(f"base_model_precision {cfg.base_model_precision!r}: quantized base weights are not "
-                          "available yet in this version; use no_change, bf16 or fp32")
+    from quant.convert import check_precision
+    try:
+        quantized = check_precision(cfg.base_model_precision) is not None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if quantized and cfg.model_type != "lora":
+        raise ConfigError(f"base_model_precision {cfg.base_model_precision} freezes the base in 8/4 bits: it needs "
+                          "model_type lora")
     for key, neutral in NOT_YET.items():
         if getattr(cfg, key) != neutral:
             raise ConfigError(f"{key}={getattr(cfg, key)!r} is not supported by this version of train_image.py "
@@ -345,6 +350,10 @@ def main(argv):
         m.text_encoder.to("cpu")  # not needed again: training reads the cache (encoder offload)
 
     # ---- trainable parameters ---------------------------------------------------------------------------------------
+    from quant.convert import precision_note, quantize_model
+    if precision_note(cfg.base_model_precision):
+        swapped = quantize_model(dit, cfg.base_model_precision)
+        print0(f"{precision_note(cfg.base_model_precision)} ({len(swapped)} linear layers quantized)")
     if cfg.model_type == "lora":
         targets = cfg.peft_lora_target_modules or LONGCAT_IMAGE_LORA_TARGETS
         torch.manual_seed(cfg.seed)  # the same LoRA init on every rank

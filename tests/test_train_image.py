@@ -208,7 +208,8 @@ def test_lora_export_loads_in_diffusers_and_validate(world, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    (dict(base_model_precision="int8-quanto"), "quantized base weights"),
+    (dict(base_model_precision="int3-foo"), "int8-quanto"),  # lists the accepted values
+    (dict(base_model_precision="int8-quanto", model_type="full"), "needs model_type lora"),
     (dict(learning_rat=1e-4), "did you mean 'learning_rate'"),
     (dict(model_flavour="edit"), "conditioning_data"),
     (dict(optimizer="lion"), "optimizer 'lion'"),
@@ -281,3 +282,15 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_aside(world, tmp_path):
     train_image.main(args(world, out, max_train_steps=6, resume_from_checkpoint=str(out / "checkpoint-3")))
     names = sorted(p.name for p in out.iterdir() if "checkpoint" in p.name)
     assert "abandoned-checkpoint-6" in names and "checkpoint-6" in names  # the new run's own step 6
+
+
+def test_int8_base_trains_close_to_the_full_precision_base(world, tmp_path, capsys):
+    """The Spanish T2I quickstart's base_model_precision int8-quanto: our int8 weight-only base under the LoRA."""
+    full, q = tmp_path / "full", tmp_path / "int8"
+    train_image.main(args(world, full, max_train_steps=8, lora_rank=16))
+    train_image.main(args(world, q, max_train_steps=8, lora_rank=16, base_model_precision="int8-quanto"))
+    assert "runs as our int8 weight-only QuantLinear" in capsys.readouterr().out
+    a, b = losses(full), losses(q)
+    rel = max(abs(x - y) / x for x, y in zip(a, b))
+    print(f"int8 vs full-precision base: max relative loss difference {rel:.2e}")
+    assert 0 < rel < 0.05  # different (the base really is int8), and close
