@@ -24,7 +24,14 @@ What the network computes (the parts that are easy to get wrong):
 
 Deviations from the official `LongCatVideoTransformer3DModel`, none of which change the maths:
   - attention is torch SDPA (the official FA2/FA3/xformers switches are accepted config keys and ignored);
-    block-sparse attention (`enable_bsa`) is stored but not implemented here: enabling it raises;
+  - block-sparse self-attention (`enable_bsa`, or at run time `model.set_bsa(True, params)` / `model.bsa = {...}`)
+    uses kernels/block_sparse_attention.py (spec §7): q, k after q/k-norm and RoPE, grid (T, H/2, W/2), chunk
+    `chunk_3d_shape_q`. Dense when T == 1, when the grid is not divisible by the chunk, when chunk_q != chunk_k,
+    and on the KV-cache path (the release runs BSA there too, with Tq = T_noise, Tk = c + T_noise); each such
+    fallback prints a one-line note once per model. Cond mode follows the release: cond queries do BSA over the
+    cond grid (c, Hp, Wp) alone, noise queries do BSA with Tq = T - c over keys of the whole grid (T, Hp, Wp) (own
+    block selection over all key blocks, `_bsa_rect`); if c is not a multiple of the temporal chunk both are dense
+    (the release asserts instead);
   - no context parallel (`cp_split_hw` must be null or [1, 1]) and no `offload_kv_cache`;
   - text is a dense [B, L, C] batch with a key mask instead of one packed varlen sequence (identical in zero-pad
     mode, where every sample has L keys);
@@ -44,6 +51,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kernels.block_sparse_attention import (block_sparse_attention, block_sparse_attention_torch,
+                                            block_sparse_attention_triton, bsa_fallback_reason, num_selected_blocks,
+                                            reorder_from_chunks, reorder_to_chunks)
+
 
 @dataclass
 class VideoDiTConfig:
@@ -61,7 +72,7 @@ class VideoDiTConfig:
     enable_flashattn3: bool = False  # attention backend switches: accepted, SDPA is used
     enable_flashattn2: bool = True
     enable_xformers: bool = False
-    enable_bsa: bool = False  # block-sparse self-attention: not implemented in this file
+    enable_bsa: bool = False  # block-sparse self-attention (spec §7); switchable at run time: model.set_bsa()
     bsa_params: Optional[dict] = field(default_factory=lambda: {
         "sparsity": 0.9375, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]})
     cp_split_hw: Optional[list] = None  # context parallel: not supported
@@ -217,6 +228,27 @@ def sdpa(q, k, v, mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale 1/sqrt(head_dim)
 
 
+def _bsa_rect(q, k, v, grid_q, grid_k, chunk, sparsity, backend="auto"):
+    """Block-sparse attention with different query and key grids sharing (Hp, Wp): the release's noise call in cond
+    mode (Tq = T_noise, Tk = T_total; spec §7.2 step 6). q [B, h, Sq, D] raster over grid_q, k/v raster over grid_k,
+    both divisible by chunk. Selection as `select_blocks` (fp32 block means, unscaled dot, top
+    int((1 - s) * n_k_blocks) key blocks per query block, no gradient); with grid_q == grid_k it is
+    `block_sparse_attention`."""
+    block = math.prod(chunk)
+    qc = reorder_to_chunks(q, grid_q, chunk)
+    kc, vc = reorder_to_chunks(k, grid_k, chunk), reorder_to_chunks(v, grid_k, chunk)
+    with torch.no_grad():
+        B, H, Sq, D = qc.shape
+        q_bar = qc.float().view(B, H, Sq // block, block, D).mean(dim=3)
+        k_bar = kc.float().view(B, H, kc.shape[2] // block, block, D).mean(dim=3)
+        scores = q_bar @ k_bar.transpose(-1, -2)
+        idx = scores.topk(num_selected_blocks(scores.shape[-1], sparsity), dim=-1).indices.sort(dim=-1).values
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "torch"
+    attend = {"torch": block_sparse_attention_torch, "triton": block_sparse_attention_triton}[backend]
+    return reorder_from_chunks(attend(qc, kc, vc, idx, block), grid_q, chunk)
+
+
 # -----------------------------------------------------------------------------
 # modules (names = checkpoint keys)
 
@@ -231,9 +263,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(dim // heads)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, rope, n_cond: int, kv_cache=None, return_kv: bool = False):
+    def forward(self, x, rope, n_cond: int, kv_cache=None, return_kv: bool = False, bsa=None):
         """x [B, N, C]; rope (cos, sin) over every key position ([cache; x] with a cache); the first n_cond tokens
-        of x are cond tokens (attend only among themselves). Returns ([B, N, C], (k, v) before RoPE or None)."""
+        of x are cond tokens (attend only among themselves). bsa: None (dense) or the plan of
+        `LongCatVideoDiT._bsa_plan` (never with a cache). Returns ([B, N, C], (k, v) before RoPE or None)."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, hd)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -247,7 +280,15 @@ class Attention(nn.Module):
             q, k = apply_rope_3d(q, cos, sin), apply_rope_3d(k, cos, sin)
             if 0 < n_cond < N:  # cond queries see cond keys only, noise queries see all keys
                 c = n_cond
-                out = torch.cat([sdpa(q[:, :, :c], k[:, :, :c], v[:, :, :c]), sdpa(q[:, :, c:], k, v)], dim=2)
+                if bsa is not None and bsa["cond_ok"]:  # release: two BSA calls, (c | c) and (T - c | T) frames
+                    (T, Hp, Wp), tc, chunk, s = bsa["grid"], bsa["c"], bsa["chunk"], bsa["sparsity"]
+                    out_c = block_sparse_attention(q[:, :, :c], k[:, :, :c], v[:, :, :c], (tc, Hp, Wp), chunk, s)
+                    out_n = _bsa_rect(q[:, :, c:], k, v, (T - tc, Hp, Wp), (T, Hp, Wp), chunk, s)
+                    out = torch.cat([out_c, out_n], dim=2)
+                else:
+                    out = torch.cat([sdpa(q[:, :, :c], k[:, :, :c], v[:, :, :c]), sdpa(q[:, :, c:], k, v)], dim=2)
+            elif bsa is not None:
+                out = block_sparse_attention(q, k, v, bsa["grid"], bsa["chunk"], bsa["sparsity"])
             else:
                 out = sdpa(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, N, C)), kv
@@ -300,8 +341,8 @@ class LongCatSingleStreamBlock(nn.Module):
         self.cross_attn = MultiHeadCrossAttention(D, cfg.num_heads)
         self.ffn = FeedForwardSwiGLU(D, cfg.ffn_hidden)
 
-    def attention_half(self, x, shift, scale, gate, rope, n_cond, kv_cache, return_kv):
-        a, kv = self.attn(modulate(x, shift, scale), rope, n_cond, kv_cache, return_kv)
+    def attention_half(self, x, shift, scale, gate, rope, n_cond, kv_cache, return_kv, bsa=None):
+        a, kv = self.attn(modulate(x, shift, scale), rope, n_cond, kv_cache, return_kv, bsa)
         return gated_add(x, gate, a), kv
 
     def mlp_half(self, x, shift, scale, gate, f0, text, c):
@@ -316,12 +357,13 @@ class LongCatSingleStreamBlock(nn.Module):
             x = x + out  # residual add in the weight dtype (reference)
         return gated_add(x, gate, self.ffn(modulate(x, shift, scale)))
 
-    def forward(self, x, temb, text, rope, c: int, kv_cache=None, return_kv=False, ckpt=False, chunk=8192):
+    def forward(self, x, temb, text, rope, c: int, kv_cache=None, return_kv=False, ckpt=False, chunk=8192,
+                bsa=None):
         """x [B, N, C]; temb [B, T, adaln] fp32; text (y [B, L, C], key_mask) or None (skip cross-attn);
-        c = cond frames inside x (0 with a KV cache). Returns (x, (k, v) or None)."""
+        c = cond frames inside x (0 with a KV cache); bsa: block-sparse plan or None. Returns (x, (k, v) or None)."""
         m = self.adaLN_modulation(temb).unsqueeze(2).chunk(6, dim=-1)  # 6 x [B, T, 1, C] fp32
         S = x.shape[1] // temb.shape[1]
-        x, kv = run(self.attention_half, x, m[0], m[1], m[2], rope, c * S, kv_cache, return_kv, ckpt=ckpt)
+        x, kv = run(self.attention_half, x, m[0], m[1], m[2], rope, c * S, kv_cache, return_kv, bsa, ckpt=ckpt)
         if text is not None:
             text = (*self.cross_attn.text_kv(text[0]), text[1])  # text K/V once per block, outside the chunks
         return run_frames(self.mlp_half, x, m[3:], (text, c), ckpt, chunk), kv
@@ -381,6 +423,45 @@ class LongCatVideoDiT(nn.Module):
         self.final_layer = FinalLayer(cfg)
         self.gradient_checkpointing = False
         self.checkpoint_chunk_tokens = 8192  # with checkpointing: cross-attn + FFN recomputed per ~this many tokens
+        # block-sparse self-attention at run time: None (dense) or {sparsity, chunk_3d_shape_q, chunk_3d_shape_k}
+        self.bsa = dict(cfg.bsa_params or {}) if cfg.enable_bsa else None
+        self._bsa_noted = set()  # fallback notes already printed (once per model and kind)
+
+    def set_bsa(self, enabled: bool = True, params: Optional[dict] = None):
+        """Switch block-sparse self-attention at run time (e.g. training vs validation), like the release's
+        `dit.enable_bsa()` / `disable_bsa()`; params override `cfg.bsa_params` key by key. The config is unchanged."""
+        self.bsa = {**(self.cfg.bsa_params or {}), **(params or {})} if enabled else None
+        return self
+
+    def _bsa_note(self, kind: str, msg: str):
+        if kind not in self._bsa_noted:
+            self._bsa_noted.add(kind)
+            print(f"LongCatVideoDiT BSA: {msg}")
+
+    def _bsa_plan(self, T: int, Hp: int, Wp: int, c: int, cached: bool):
+        """None (dense self-attention) or the plan every block's self-attention gets."""
+        if not self.bsa:
+            return None
+        p = {"sparsity": 0.9375, "chunk_3d_shape_q": [4, 4, 4], **self.bsa}
+        chunk = tuple(int(v) for v in p["chunk_3d_shape_q"])
+        if tuple(int(v) for v in p.get("chunk_3d_shape_k", chunk)) != chunk:
+            self._bsa_note("chunk", f"chunk_3d_shape_q {list(chunk)} != chunk_3d_shape_k "
+                                    f"{list(p['chunk_3d_shape_k'])} is not supported: dense attention")
+            return None
+        if cached:
+            self._bsa_note("kv_cache", "the KV-cache path uses dense attention")
+            return None
+        reason = bsa_fallback_reason((T, Hp, Wp), chunk)
+        if reason is not None:
+            self._bsa_note("T1" if T == 1 else "grid", reason)
+            return None
+        cond_ok = True
+        if 0 < c < T:  # T divisible, so T - c is divisible iff c is
+            r = bsa_fallback_reason((c, Hp, Wp), chunk)
+            if r is not None:
+                self._bsa_note("cond", f"{c} cond latent frame(s): {r} (cond and noise queries; the release asserts)")
+                cond_ok = False
+        return {"grid": (T, Hp, Wp), "chunk": chunk, "sparsity": float(p["sparsity"]), "c": c, "cond_ok": cond_ok}
 
     @property
     def dtype(self):
@@ -402,8 +483,6 @@ class LongCatVideoDiT(nn.Module):
         _, ph, pw = cfg.patch_size
         if H % ph or W % pw:
             raise ValueError(f"latent H, W = {H}, {W} must be multiples of the patch size {ph}, {pw}")
-        if cfg.enable_bsa and T > 1:
-            raise NotImplementedError("enable_bsa: block-sparse attention is not implemented in model/dit_video.py")
         Hp, Wp = H // ph, W // pw
         S = Hp * Wp  # tokens per latent frame
         c = int(num_cond_latents or 0)
@@ -438,10 +517,11 @@ class LongCatVideoDiT(nn.Module):
         rope = rope_3d_tables(t_cached + T, Hp, Wp, cfg.head_dim, device=x.device)  # over [cache; x] positions
         c_in_x = 0 if kv_cache_dict else c
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        bsa = self._bsa_plan(T, Hp, Wp, c_in_x, bool(kv_cache_dict))
         kv_out = {}
         for i, block in enumerate(self.blocks):
             cache = kv_cache_dict[i] if kv_cache_dict else None
-            x, kv = block(x, temb, text, rope, c_in_x, cache, return_kv, ckpt, self.checkpoint_chunk_tokens)
+            x, kv = block(x, temb, text, rope, c_in_x, cache, return_kv, ckpt, self.checkpoint_chunk_tokens, bsa)
             if return_kv:
                 kv_out[i] = kv
 
