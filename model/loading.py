@@ -52,6 +52,12 @@ def save_module_folder(module: torch.nn.Module, folder, config: dict):
     atomic_save_safetensors(folder / "diffusion_pytorch_model.safetensors", module.state_dict())
 
 
+def resolve_load_args(name_or_path, flavour, flavours, device, dtype):
+    """(folder, device, dtype) for a loader: the defaults are bf16 on GPU and fp32 on CPU."""
+    d_device, d_dtype = default_device_dtype()
+    return resolve_model_path(name_or_path, flavour, flavours), torch.device(device or d_device), dtype or d_dtype
+
+
 def resolve_model_path(name_or_path, flavour=None, flavours=IMAGE_FLAVOURS) -> Path:
     """A local folder as is; otherwise a hub id (or the flavour's hub id) through the local HF cache / a download."""
     if name_or_path is None:
@@ -155,9 +161,7 @@ def load_longcat_image(name_or_path=None, flavour="final", device=None, dtype=No
 
     from model.text_qwen import load_text_processor
 
-    d_device, d_dtype = default_device_dtype()
-    device, dtype = torch.device(device or d_device), dtype or d_dtype
-    root = resolve_model_path(name_or_path, flavour)
+    root, device, dtype = resolve_load_args(name_or_path, flavour, IMAGE_FLAVOURS, device, dtype)
     missing = [p for p in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler") if not (root / p).is_dir()]
     if missing:
         raise WeightsError(f"{root}: missing component folder(s) {missing}; expected a diffusers-format LongCat-Image folder")
@@ -207,9 +211,7 @@ def load_longcat_video(name_or_path=None, flavour="final", device=None, dtype=No
     from model.text_umt5 import load_umt5
     from model.vae_video import VideoVAE, VideoVAEConfig, convert_wan_vae_state_dict, is_wan_original_state_dict
 
-    d_device, d_dtype = default_device_dtype()
-    device, dtype = torch.device(device or d_device), dtype or d_dtype
-    root = resolve_model_path(name_or_path, flavour, VIDEO_FLAVOURS)
+    root, device, dtype = resolve_load_args(name_or_path, flavour, VIDEO_FLAVOURS, device, dtype)
     missing = [p for p in ("dit", "vae", "text_encoder", "tokenizer") if not (root / p).is_dir()]
     if missing:
         raise WeightsError(f"{root}: missing component folder(s) {missing}; expected a LongCat-Video folder "
