@@ -1,0 +1,372 @@
+"""
+What every training script shares once its data and models are loaded: the options common to image and video runs,
+their checks, and a `Trainer` that owns the trainable parameters (LoRA or full, fp32 master weights, an optional
+quantized frozen base), DDP, the optimizer and LR schedule, EMA, exact resume, the optimizer step (clipping, EMA,
+the loss averaged over ranks, metrics.jsonl), atomic checkpoints and the export of the result.
+
+    trainer = Trainer(cfg, dit, dist, lora_targets=LONGCAT_IMAGE_LORA_TARGETS, max_steps=max_steps)
+    step = trainer.resume(gen, sampler)                   # 0, or the step of the checkpoint it restored
+    while step < max_steps:
+        lr = trainer.begin_step(step)
+        for micro in range(cfg.gradient_accumulation_steps):
+            with trainer.sync(micro), autocast:
+                loss = my_loss(trainer.model, ...)        # trainer.model: the DDP wrapper under torchrun
+            trainer.backward(loss)
+        step, loss = trainer.end_step(step, lr)           # clip, step, EMA, mean over ranks, metrics, checkpoint
+    trainer.export()                                      # LoRA files (diffusers/PEFT, ComfyUI, ...) or a model folder
+
+The training scripts keep what differs (data, caches, the objective, validation) and read as the story of a run.
+"""
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+from tqdm import tqdm
+
+from config import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """SimpleTuner option names and defaults (specs/simpletuner_compat.md §3) shared by train_image and train_video;
+    each script subclasses it with its own model and data options (and may change a default)."""
+    model_type: str = "lora"  # lora | full
+    model_family: str = ""
+    model_flavour: str = "final"
+    pretrained_model_name_or_path: Optional[str] = None
+    base_model_precision: str = "no_change"  # no_change | bf16 | fp32 | int8-*/fp8-* (ours) | int8-bnb | nf4-bnb
+    data_backend_config: str = "config/multidatabackend.json"
+    output_dir: str = "output"
+    seed: int = 42
+    # batches and steps
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 0  # 0: num_train_epochs decides
+    num_train_epochs: int = 1
+    # optimizer and schedule
+    optimizer: str = "adamw_bf16"
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant_with_warmup"
+    lr_warmup_steps: int = 0
+    lr_num_cycles: float = 1.0
+    lr_power: float = 0.8
+    lr_end: float = 4e-7
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.01
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 2.0
+    grad_clip_method: str = "value"  # value | norm (SimpleTuner's default is value)
+    mixed_precision: str = "bf16"  # bf16 | no; bf16 autocast on GPU, fp32 on CPU
+    gradient_checkpointing: bool = True
+    use_ema: bool = False
+    ema_decay: float = 0.995
+    # LoRA
+    lora_rank: int = 16
+    lora_alpha: Optional[float] = None  # None: = rank
+    lora_dropout: float = 0.1
+    lora_init_type: str = "default"  # default | gaussian
+    peft_lora_target_modules: Optional[list] = None  # None: the official LoRA set of the model
+    init_lora: Optional[str] = None
+    # objective
+    caption_dropout_probability: float = 0.1
+    flow_schedule_shift: float = 3.0
+    flow_sigmoid_scale: float = 1.0
+    flow_use_uniform_schedule: bool = False
+    latent_sample_mode: str = "sample"  # sample (official trainer) | mode: how cached posteriors become latents
+    # data defaults for every dataset that does not set them (SimpleTuner global flags)
+    aspect_bucket_alignment: int = 64
+    resolution: Optional[float] = None
+    resolution_type: Optional[str] = None
+    caption_strategy: Optional[str] = None
+    instance_prompt: Optional[str] = None
+    minimum_image_size: Optional[float] = None
+    maximum_image_size: Optional[float] = None
+    target_downsample_size: Optional[float] = None
+    crop: Optional[bool] = None
+    crop_style: Optional[str] = None
+    crop_aspect: Optional[str] = None
+    cache_dir_vae: Optional[str] = None
+    vae_batch_size: int = 4
+    # SimpleTuner options that would change what is trained and that this version does not implement: accepted only
+    # at their neutral value, so a config that relies on them fails at start-up instead of training something else
+    lora_type: str = "standard"
+    use_dora: bool = False
+    loss_type: str = "l2"
+    flow_use_beta_schedule: bool = False
+    flow_custom_timesteps: Optional[str] = None
+    train_text_encoder: bool = False
+    pretrained_transformer_model_name_or_path: Optional[str] = None
+    pretrained_vae_model_name_or_path: Optional[str] = None
+    musubi_blocks_to_swap: int = 0
+    enable_group_offload: bool = False
+    fsdp_enable: bool = False
+    deepspeed_config: Optional[str] = None
+    # checkpoints
+    checkpoint_step_interval: int = 500
+    checkpoints_total_limit: int = 5
+    resume_from_checkpoint: Optional[str] = "latest"
+    lora_format: str = "diffusers"  # the main export; a ComfyUI copy is always written too
+    # validation
+    validation_prompt: Optional[str] = None
+    validation_negative_prompt: str = ""
+    validation_resolution: Optional[str] = None
+    validation_guidance: float = 4.5
+    validation_num_inference_steps: int = 30
+    validation_seed: int = 42
+    validation_step_interval: int = 100
+    num_validation_images: int = 1
+    validation_using_datasets: bool = False
+    eval_dataset_id: Optional[str] = None
+    validation_disable: bool = False
+
+
+ALIASES = {"checkpointing_steps": "checkpoint_step_interval", "validation_steps": "validation_step_interval"}
+NOT_YET = dict(lora_type="standard", use_dora=False, loss_type="l2", flow_use_beta_schedule=False,
+               flow_custom_timesteps=None, train_text_encoder=False, pretrained_transformer_model_name_or_path=None,
+               pretrained_vae_model_name_or_path=None, musubi_blocks_to_swap=0, enable_group_offload=False,
+               fsdp_enable=False, deepspeed_config=None)
+
+
+def check_common(cfg: TrainConfig, script: str):
+    """Start-up checks of the shared options: anything wrong here fails before a model is loaded."""
+    from optim import check_optimizer_options
+    from quant.convert import check_precision
+    choices = dict(model_type=("lora", "full"), grad_clip_method=("value", "norm"),
+                   mixed_precision=("bf16", "no", "fp16"), latent_sample_mode=("sample", "mode"),
+                   lora_init_type=("default", "gaussian"), lora_format=("diffusers", "comfyui", "peft"))
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"{key} {getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
+    try:
+        quantized = check_precision(cfg.base_model_precision) is not None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if quantized and cfg.model_type != "lora":
+        raise ConfigError(f"base_model_precision {cfg.base_model_precision} freezes the base in 8/4 bits: it needs "
+                          "model_type lora")
+    for key, neutral in NOT_YET.items():
+        if getattr(cfg, key) != neutral:
+            raise ConfigError(f"{key}={getattr(cfg, key)!r} is not supported by this version of {script} "
+                              f"(remove it or set {neutral!r})")
+    from data.buckets import check_alignment
+    try:
+        check_alignment(cfg.aspect_bucket_alignment)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
+        raise ConfigError(f"lora_alpha must be > 0 (or unset, meaning lora_rank), got {cfg.lora_alpha}")
+    if cfg.validation_num_inference_steps < 1 or cfg.num_validation_images < 1:
+        raise ConfigError("validation_num_inference_steps and num_validation_images must be >= 1")
+    if cfg.init_lora and (cfg.model_type != "lora" or not os.path.exists(cfg.init_lora)):
+        raise ConfigError(f"init_lora {cfg.init_lora!r}: " + ("needs model_type lora" if cfg.model_type != "lora"
+                                                              else "file not found"))
+    if cfg.optimizer in ("adamw8bit", "bnb-adamw8bit", "ao-adamw8bit"):
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"optimizer {cfg.optimizer} needs bitsandbytes (pip install bitsandbytes)") from None
+    if cfg.mixed_precision == "fp16":
+        raise ConfigError("mixed_precision fp16 is not supported for LongCat (it overflows); use bf16 or no")
+    for key in ("train_batch_size", "gradient_accumulation_steps", "lora_rank", "vae_batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if not 0 <= cfg.caption_dropout_probability <= 1:
+        raise ConfigError("caption_dropout_probability must be in [0, 1]")
+    if cfg.max_train_steps <= 0 and cfg.num_train_epochs <= 0:
+        raise ConfigError("set max_train_steps or num_train_epochs to a positive number")
+    check_optimizer_options(cfg.optimizer, cfg.lr_scheduler)
+
+
+def caption_variants(sample) -> list:
+    """A sample's captions: several for a multi-line caption file, one otherwise ("" when it has none)."""
+    return sample.caption if isinstance(sample.caption, list) else [sample.caption or ""]
+
+
+def compute_dtypes(cfg: TrainConfig, device: torch.device):
+    """(weight dtype of the frozen parts, autocast context): bf16 weights and autocast on GPU, fp32 on CPU."""
+    on_gpu = device.type == "cuda"
+    weight_dtype = torch.float32 if (not on_gpu or cfg.base_model_precision == "fp32") else torch.bfloat16
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and cfg.mixed_precision == "bf16"
+                else nullcontext())
+    return weight_dtype, autocast
+
+
+class Trainer:
+    """The trainable state of one run and everything done to it between the losses (module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, dit: torch.nn.Module, dist, *, lora_targets: list, max_steps: int,
+                 lora_exports: Optional[dict] = None, full_folder: str = "transformer", log: Callable = print):
+        """lora_exports: {format: name tail} of the LoRA files export() writes besides cfg.lora_format, e.g.
+        {"comfyui": "_comfyui"} -> pytorch_lora_weights_comfyui.safetensors; full_folder: where a full fine-tune goes."""
+        from model.lora import apply_lora, load_lora
+        from optim import make_optimizer
+        from quant.convert import precision_note, quantize_model
+        self.cfg, self.dit, self.dist, self.log, self.max_steps = cfg, dit, dist, log, max_steps
+        self.lora_exports, self.full_folder = lora_exports or {}, full_folder
+        if precision_note(cfg.base_model_precision):
+            swapped = quantize_model(dit, cfg.base_model_precision)
+            log(f"{precision_note(cfg.base_model_precision)} ({len(swapped)} linear layers quantized)")
+        if cfg.model_type == "lora":
+            torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
+            adapted = apply_lora(dit, cfg.peft_lora_target_modules or lora_targets, rank=cfg.lora_rank,
+                                 alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, init=cfg.lora_init_type)
+            if cfg.init_lora:
+                load_lora(cfg.init_lora, dit)
+            log(f"LoRA rank {cfg.lora_rank} alpha {cfg.lora_alpha or cfg.lora_rank} on {len(adapted)} modules")
+        else:
+            dit.requires_grad_(True)
+        torch.manual_seed(cfg.seed + dist.rank)  # the global RNG feeds only LoRA dropout: a different mask per rank
+        for p in dit.parameters():  # trainable weights are kept in fp32 (master weights); autocast does the rest
+            if p.requires_grad:
+                p.data = p.data.float()
+        dit.gradient_checkpointing = cfg.gradient_checkpointing
+        dit.train()
+        self.trainable = {n: p for n, p in dit.named_parameters() if p.requires_grad}
+        log(f"trainable parameters: {sum(p.numel() for p in self.trainable.values()):,}")
+        self.model = dit
+        if dist.world_size > 1:
+            on_gpu = dist.device.type == "cuda"
+            self.model = torch.nn.parallel.DistributedDataParallel(dit, device_ids=[dist.device.index] if on_gpu
+                                                                   else None)
+        self.ema = {n: p.detach().clone() for n, p in self.trainable.items()} if cfg.use_ema else None
+        self.optimizer = make_optimizer(self.trainable.values(), cfg.optimizer, cfg.learning_rate,
+                                        (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_weight_decay, cfg.adam_epsilon)
+        self.lr_kw = dict(base_lr=cfg.learning_rate, schedule=cfg.lr_scheduler, warmup=cfg.lr_warmup_steps,
+                          total=max_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power, lr_end=cfg.lr_end)
+        self.metrics, self.bar, self.history = None, None, []
+        self._loss_sum, self._t0 = 0.0, 0.0
+
+    # ---- resume -----------------------------------------------------------------------------------------------------
+    def resume(self, gen: torch.Generator, sampler) -> int:
+        """Restore the latest (or the configured) checkpoint into the weights, optimizer, EMA, the step generator and
+        the sampler; returns its step (0 when starting fresh). Opens metrics.jsonl and the progress bar."""
+        from checkpoint import MetricsLogger, load_checkpoint, resolve_resume, set_aside_newer
+        cfg, step = self.cfg, 0
+        path = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint, log=self.log)
+        if path is not None:
+            ckpt = load_checkpoint(path, optimizer=self.optimizer, log=self.log)
+            missing = set(self.trainable) - set(ckpt.model_tensors)
+            if missing:
+                raise ConfigError(f"{path} does not hold this run's trainable weights (e.g. {sorted(missing)[:3]}); "
+                                  "was it written with another model_type / LoRA targets?")
+            with torch.no_grad():
+                for n, p in self.trainable.items():
+                    p.copy_(ckpt.model_tensors[n])
+                if self.ema is not None:
+                    for n in self.ema:
+                        self.ema[n].copy_(ckpt.extra_tensors.get(f"ema.{n}", self.trainable[n]))
+            gen.set_state(ckpt.extra_tensors["generator"])
+            sampler.load_state_dict(ckpt.state["sampler"], log=self.log)
+            step = ckpt.step
+            set_aside_newer(cfg.output_dir, step, log=self.log)
+            self.log(f"resumed from {path} at step {step}")
+        self.gen, self.sampler = gen, sampler
+        if self.dist.is_main:
+            self.metrics = MetricsLogger(os.path.join(cfg.output_dir, "metrics.jsonl"), resume_step=step or None)
+        self.bar = tqdm(total=self.max_steps, initial=step, desc="train", disable=not self.dist.is_main,
+                        dynamic_ncols=True)
+        return step
+
+    # ---- one optimizer step ------------------------------------------------------------------------------------------
+    def begin_step(self, step: int) -> float:
+        from optim import lr_at, set_lr
+        self._t0, self._loss_sum = time.time(), 0.0
+        lr = lr_at(step, **self.lr_kw)
+        set_lr(self.optimizer, lr)
+        return lr
+
+    def sync(self, micro: int):
+        """DDP gradient sync only on the last micro-batch of an accumulation."""
+        last = micro == self.cfg.gradient_accumulation_steps - 1
+        return nullcontext() if last or self.dist.world_size == 1 else self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor):
+        (loss / self.cfg.gradient_accumulation_steps).backward()
+        self._loss_sum = self._loss_sum + loss.detach()
+
+    def end_step(self, step: int, lr: float) -> tuple:
+        """Clip, optimizer step, EMA, the loss averaged over micro-batches and ranks, metrics and progress, and a
+        checkpoint when one is due. Returns (step + 1, loss)."""
+        from checkpoint import peak_memory_bytes
+        from distributed import all_reduce_mean
+        cfg = self.cfg
+        if cfg.grad_clip_method == "norm":
+            torch.nn.utils.clip_grad_norm_(self.trainable.values(), cfg.max_grad_norm)
+        else:
+            torch.nn.utils.clip_grad_value_(self.trainable.values(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                for n, p in self.trainable.items():
+                    self.ema[n].lerp_(p.detach(), 1 - cfg.ema_decay)
+        step += 1
+        loss = all_reduce_mean(self._loss_sum / cfg.gradient_accumulation_steps).item()  # a sync point, once a step
+        dt = time.time() - self._t0
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", it_s=f"{1 / dt:.2f}")
+        self.history.append(loss)
+        if self.metrics:
+            self.metrics.log(step, loss=loss, lr=lr, step_time=dt, peak_mem_bytes=peak_memory_bytes(self.dist.device),
+                             epoch=self.sampler.epoch)
+        if (cfg.checkpoint_step_interval > 0 and step % cfg.checkpoint_step_interval == 0) or step == self.max_steps:
+            self.save_checkpoint(step)
+        return step, loss
+
+    def save_checkpoint(self, step: int):
+        from checkpoint import rng_state, rotate_checkpoints, save_checkpoint
+        from distributed import all_gather_object
+        extra = {"generator": self.gen.get_state(), **{f"ema.{n}": t for n, t in (self.ema or {}).items()}}
+        path = save_checkpoint(self.cfg.output_dir, step,
+                               model_tensors={n: p.detach() for n, p in self.trainable.items()},
+                               optimizer=self.optimizer, extra_tensors=extra, config=asdict(self.cfg),
+                               state={"sampler": self.sampler.state_dict(), "epoch": self.sampler.epoch},
+                               rng=all_gather_object(rng_state()) if self.dist.world_size > 1 else True)
+        if self.dist.is_main:
+            rotate_checkpoints(self.cfg.output_dir, self.cfg.checkpoints_total_limit, keep=path, log=self.log)
+
+    # ---- the end ----------------------------------------------------------------------------------------------------
+    def finish(self):
+        """Close the bar, print the loss trend, export the result (rank 0) and close metrics.jsonl."""
+        self.bar.close()
+        n = min(20, len(self.history) // 2)
+        if n:
+            self.log(f"loss: mean of the first {n} steps {sum(self.history[:n]) / n:.4f} -> "
+                     f"last {n} {sum(self.history[-n:]) / n:.4f}")
+        if self.dist.is_main:
+            self.export()
+            if self.metrics:
+                self.metrics.close()
+
+    def export(self):
+        """LoRA: cfg.lora_format plus the extra layouts (a ComfyUI copy, ...); full: a loadable model folder.
+        With EMA, the EMA weights are exported too (suffix _ema) through the same writers."""
+        from model.loading import save_module_folder
+        from model.lora import save_lora
+        cfg, dit = self.cfg, self.dit
+        for suffix, weights in [("", None)] + ([("_ema", self.ema)] if self.ema else []):
+            if weights:  # write the EMA weights through the same exporters, then put the trained ones back
+                trained = {n: p.detach().clone() for n, p in self.trainable.items()}
+                with torch.no_grad():
+                    for n, p in self.trainable.items():
+                        p.copy_(weights[n])
+            if cfg.model_type == "lora":
+                exports = {cfg.lora_format: "", **self.lora_exports}  # one file when lora_format is one of the extras
+                for fmt, tail in exports.items():
+                    ext = "" if fmt == "peft" else ".safetensors"
+                    path = os.path.join(cfg.output_dir, f"pytorch_lora_weights{suffix}{tail}{ext}")
+                    self.log(f"wrote {save_lora(path, dit, format=fmt)}")
+            else:
+                folder = os.path.join(cfg.output_dir, self.full_folder + suffix)
+                save_module_folder(dit, folder, dit.cfg.to_dict())
+                self.log(f"wrote {folder}")
+            if weights:
+                with torch.no_grad():
+                    for n, p in self.trainable.items():
+                        p.copy_(trained[n])
