@@ -208,14 +208,19 @@ def apply_geometry(img: Image.Image, geom: Geometry) -> Image.Image:
     return img
 
 
+def bucket_label(bucket) -> str:
+    """A bucket key as text: (W, H) -> "WxH" for images, (W, H, F) -> "WxH@F" for video clips of F frames."""
+    return f"{bucket[0]}x{bucket[1]}" + (f"@{bucket[2]}" if len(bucket) > 2 else "")
+
+
 def format_bucket_table(buckets) -> str:
-    """{dataset id: {(W, H): samples or count}} -> an aligned text table for the start-up print."""
+    """{dataset id: {(W, H) or (W, H, F): samples or count}} -> an aligned text table for the start-up print."""
     rows = [("dataset", "bucket", "aspect", "samples")]
     for ds, per_bucket in buckets.items():
         order = sorted(per_bucket.items(), key=lambda kv: (kv[0][0] / kv[0][1], kv[0]))
-        for i, ((w, h), items) in enumerate(order):
+        for i, (bucket, items) in enumerate(order):
             n = items if isinstance(items, int) else len(items)
-            rows.append((ds if i == 0 else "", f"{w}x{h}", f"{w / h:.2f}", str(n)))
+            rows.append((ds if i == 0 else "", bucket_label(bucket), f"{bucket[0] / bucket[1]:.2f}", str(n)))
     widths = [max(len(r[c]) for r in rows) for c in range(4)]
     return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}"
                      for r in rows)

@@ -4,12 +4,15 @@ that decides its content, so a changed source, crop, bucket, model or dtype give
 read (see ../shared/specs/vae_and_data.md §3.6-§3.7, §5.1, §6.4).
 
 Latents: key = (format, dataset_id, rel path *with* extension, source fingerprint (size-mtime), geometry (bucket,
-resize, crop), VAE identity, storage dtype) -> cache_dir/<dataset_id>/<rel without ext>-<sha256(key)[:12]>.safetensors,
+resize, crop), for clips the frame sampling (frames, fps, start), VAE identity, storage dtype) -> cache_dir/<dataset_id>/<rel without ext>-<sha256(key)[:12]>.safetensors,
 mirroring the source sub-folders. The file holds the posterior `mean` and `logvar` [C, h, w], not a latent draw, so
 sample (official trainer) or mode (inference references) stays a load-time choice (§1.3): see latents_from_cache.
-Text: key = (format, template kind "t2i"|"edit", caption, text-model identity, dtype, and for Edit the reference
+Text: key = (format, template kind "t2i"|"edit"|"umt5", caption, text-model identity, dtype, and for Edit the reference
 image's source key, since Qwen sees the reference) -> text_cache_dir/<sha256(key)[:32]>.safetensors holding
 `prompt_embeds` [L, D]. Identical T2I captions share one file; txt ids are derived from L, so nothing else is stored.
+LongCat-Video's umT5 embeddings are stored for the real tokens only ([n, 4096], n = the attention-mask length):
+the DiT never reads pad positions (zeroed after its caption projection, or masked), so the reader pads them back
+to 512 with zeros and rebuilds the mask (umt5_from_cache), at a fraction of the disk.
 
 Every file carries its canonical key JSON in the safetensors header; readers compare it before use. A file that does
 not parse (truncated, garbage) or has another key raises CacheError on load and counts as missing for build, which
@@ -21,7 +24,9 @@ size, crop or model), which silently reuses stale latents after an in-place edit
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -77,9 +82,14 @@ def geometry_key(g) -> dict:
 
 
 def source_key(s) -> dict:
-    """What identifies a prepared source image: dataset, relative path with extension, content, geometry."""
-    return {"dataset_id": s.dataset_id, "rel": PurePosixPath(s.rel).as_posix(), "fingerprint": s.fingerprint,
-            "geometry": geometry_key(s.geometry)}
+    """What identifies a prepared source image or clip: dataset, relative path with extension, content, geometry,
+    and for a clip which frames of the file (count, sampling rate, start), so a changed num_frames or framerate
+    re-encodes."""
+    key = {"dataset_id": s.dataset_id, "rel": PurePosixPath(s.rel).as_posix(), "fingerprint": s.fingerprint,
+           "geometry": geometry_key(s.geometry)}
+    if getattr(s, "frames", None) is not None:
+        key["clip"] = {"frames": s.frames, "fps": s.fps, "start": s.start}
+    return key
 
 
 def _safe_rel(rel) -> PurePosixPath:
@@ -91,6 +101,13 @@ def _safe_rel(rel) -> PurePosixPath:
 
 def _write_atomic(path: Path, tensors: dict, metadata: dict):
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))  # hidden temp file, fsync, rename
+
+
+@dataclass
+class CaptionEntry:
+    """What the text cache keys on: a caption (and, for Edit, the reference image Qwen sees with it)."""
+    caption: str
+    conditioning: Optional[object] = None
 
 
 class _Cache:
@@ -235,8 +252,8 @@ class LatentCache(_Cache):
         folder = self.root / _safe_rel(sample.dataset_id) / stem.parent
         return folder / f"{stem.name}-{_sha(key)[:12]}.safetensors"
 
-    def group_of(self, sample):
-        return tuple(sample.geometry.bucket)
+    def group_of(self, sample):  # one encode batch = one shape: (W, H), or (W, H, F) for clips
+        return tuple(getattr(sample, "bucket", None) or sample.geometry.bucket)
 
     def _scope(self, samples):  # only the folders of the datasets given: other datasets' caches are left alone
         return sorted({self.root / _safe_rel(s.dataset_id) for s in samples})
@@ -248,8 +265,8 @@ class TextCache(_Cache):
     names = ("prompt_embeds",)
 
     def __init__(self, root, identity: str, kind: str = "t2i", dtype: torch.dtype | None = None):
-        if kind not in ("t2i", "edit"):
-            raise ValueError(f"text cache kind must be 't2i' or 'edit', got {kind!r}")
+        if kind not in ("t2i", "edit", "umt5"):
+            raise ValueError(f"text cache kind must be 't2i', 'edit' or 'umt5', got {kind!r}")
         super().__init__(root, identity, dtype)
         self.kind = kind
 
@@ -265,8 +282,8 @@ class TextCache(_Cache):
     def _path(self, sample, key) -> Path:
         return self.root / f"{_sha(key)[:32]}.safetensors"
 
-    def group_of(self, sample):  # T2I pads every prompt to 512 tokens; Edit lengths follow the reference size
-        return "t2i" if self.kind == "t2i" else tuple(sample.conditioning.geometry.bucket)
+    def group_of(self, sample):  # T2I / umT5 pad every prompt to 512 tokens; Edit lengths follow the reference size
+        return self.kind if self.kind != "edit" else tuple(sample.conditioning.geometry.bucket)
 
     def _scope(self, samples):  # the text folder is flat: pass every sample that shares it
         return [self.root]
@@ -300,6 +317,26 @@ def t2i_compute_fn(text_encoder, tokenizer):
     """compute_fn for TextCache(kind='t2i'): one batched Qwen pass over the samples' captions."""
     from model.text_qwen import encode_prompt_t2i  # transformers is only imported when text is encoded
     return lambda samples: encode_prompt_t2i(text_encoder, tokenizer, [s.caption for s in samples])
+
+
+def umt5_compute_fn(text_encoder, tokenizer):
+    """compute_fn for TextCache(kind='umt5') (LongCat-Video): one batched umT5 pass, each prompt's real tokens kept."""
+    from model.text_umt5 import encode_prompt_umt5
+
+    def compute(samples):
+        embeds, mask = encode_prompt_umt5(text_encoder, tokenizer, [s.caption for s in samples])
+        return [e[:int(n)] for e, n in zip(embeds, mask.sum(1).tolist())]  # umT5 pads on the right
+    return compute
+
+
+def umt5_from_cache(entries: list, max_length: int = 512):
+    """Cached umT5 entries -> (embeds [B, max_length, D] zero-padded, mask [B, max_length] int64)."""
+    embeds = [e["prompt_embeds"] for e in entries]
+    out = embeds[0].new_zeros(len(embeds), max_length, embeds[0].shape[-1])
+    mask = torch.zeros(len(embeds), max_length, dtype=torch.int64)
+    for i, e in enumerate(embeds):
+        out[i, :e.shape[0]], mask[i, :e.shape[0]] = e, 1
+    return out, mask
 
 
 def edit_compute_fn(text_encoder, tokenizer, image_processor, load_vl_image):

@@ -3,8 +3,10 @@ SimpleTuner's `multidatabackend.json` -> a list of `DatasetSpec`, checked at sta
 
 The file is a JSON list, one entry per dataset (`//` comments allowed, as the quickstarts write jsonc). Schema and
 defaults: shared/specs/simpletuner_compat.md §2 (4.10.1). What we support: local folders of images
-(`dataset_type: image`) and of edit reference images (`dataset_type: conditioning`), captions from sidecar .txt
-files, file names, the instance prompt, or a JSONL/CSV/Parquet metadata table (the `parquet` block).
+(`dataset_type: image`, image runs: train_image.py), of video clips (`dataset_type: video`, video runs: `is_video`,
+train_video.py; each kind of run refuses the other's datasets) and of edit reference images or I2V start frames
+(`dataset_type: conditioning`), captions from sidecar .txt files, file names, the instance prompt, or a
+JSONL/CSV/Parquet metadata table (the `parquet` block).
 
 How keys are treated:
   - a key we use (`SPEC_KEYS`) is type-checked and stored;
@@ -12,7 +14,22 @@ How keys are treated:
     keys, destructive clean-ups, ...) is listed once per dataset in a note;
   - anything else is an error naming the key, the dataset and the nearest valid key (a typo never passes silently).
 Entries with `dataset_type` text_embeds / image_embeds / conditioning_image_embeds are skipped with a note: the
-trainer manages its own caches. Other storage types (aws, csv, huggingface, ...) and video/audio datasets are errors.
+trainer manages its own caches. Other storage types (aws, csv, huggingface, ...) and audio datasets are errors.
+
+Video datasets (`VideoSpec`, simpletuner_compat.md §2.7, vae_and_data.md §3.9): the `video` block's num_frames,
+min_frames, max_frames, is_i2v, bucket_strategy and frame_interval; `is_i2v` and `bucket_strategy` may also sit at the
+top level of the entry (the LongCat-Video quickstart writes `"is_i2v": true` there; both places set and disagreeing
+is an error). A `conditioning` dataset named by conditioning_data holds the I2V start frames (one image per clip,
+same file name stem). The sampling rate is the config-level `framerate` (SimpleTuner's global flag, passed in
+`defaults`): None trains on the file's own frames, a number samples frames by timestamp at that rate.
+  - num_frames must be 4k+1 (LongCat-Video's VAE: the first frame, then 4 frames per latent frame; 93 is valid).
+    SimpleTuner trims LongCat-Video clips to 8k+1 (93 -> 89); we do not. A wrong value is an error that names the
+    two nearest valid counts. Default 93 (LongCat-Video's own length; SimpleTuner's framerate x 5 is 150 at its
+    30 fps fallback, which is not 4k+1). min_frames defaults to num_frames and may not be smaller; max_frames, if
+    set, may not be under min_frames. How clip lengths become F, too_short and too_long: data/clips.py.
+  - is_i2v defaults to true when conditioning_data names a start-frame dataset, else false; is_i2v without
+    conditioning_data means "condition on the clip's own first frame" (no start-frame files needed).
+  - `resolution` defaults to 480 (pixel_area) for video datasets, LongCat-Video's 480p, not the image default 1024.
 
 Differences from SimpleTuner, on purpose:
   - `conditioning_data` may name a dataset that has no `dataset_type` (the LongCat-Image-Edit quickstarts omit it on
@@ -21,11 +38,14 @@ Differences from SimpleTuner, on purpose:
   - LongCat-Image-Edit takes one reference image, so `conditioning_data` names exactly one dataset; every training
     dataset of an Edit run must have one. A T2I run ignores conditioning links and conditioning datasets (note).
   - `probability: 0` is an error (SimpleTuner silently reads it as 1.0); use `disabled: true`.
+  - A video dataset's `conditioning_data` names one start-frame dataset, like an Edit reference (SimpleTuner would
+    generate an `i2v_first_frame` dataset of PNGs; we need none, see is_i2v above).
 Paths are used as written: relative paths are relative to the working directory, as in SimpleTuner.
 """
 import dataclasses
 import difflib
 import json
+import math
 import os
 from typing import Callable, Optional, Union
 
@@ -38,8 +58,9 @@ SPEC_KEYS = {
     "resolution_type", "minimum_image_size", "maximum_image_size", "target_downsample_size", "minimum_aspect_ratio",
     "maximum_aspect_ratio", "crop", "crop_style", "crop_aspect", "crop_aspect_buckets", "repeats", "probability",
     "cache_dir_vae", "conditioning_data", "conditioning_type", "train_batch_size", "skip_file_discovery",
-    "max_num_samples", "disable_validation",
+    "max_num_samples", "disable_validation", "video", "is_i2v", "bucket_strategy",
 }
+VIDEO_KEYS = {"video", "is_i2v", "bucket_strategy"}  # read on video datasets only; noted as unused elsewhere
 # Keys of SimpleTuner's dataset schema (simpletuner_compat.md §2.1-2.7) that we accept and do not use.
 IGNORED_KEYS = set("""
 default cache_dir text_embeds image_embeds conditioning_image_embeds cache_dir_conditioning_image_embeds
@@ -53,7 +74,7 @@ text_cache_disable write_batch_size text_encoder_batch_size max_upscale_threshol
 end_step timestep_sampling_offset slider_strength is_regularisation_data is_regularization_data
 vae_cache_clear_each_epoch vae_cache_ondemand vae_cache_disable compress_cache hash_filenames delete_unwanted_images
 delete_problematic_images delete_nsfw_images source_dataset_id conditioning conditioning_config video audio
-grounding is_i2v bucket_strategy scan_for_errors vae_cache_scan_behaviour cache_file_suffix
+grounding scan_for_errors vae_cache_scan_behaviour cache_file_suffix
 """.split())
 PARQUET_KEYS = {
     "path", "filename_column", "caption_column", "fallback_caption_column", "identifier_includes_extension",
@@ -64,6 +85,12 @@ GLOBAL_DEFAULT_KEYS = {
     "resolution", "resolution_type", "caption_strategy", "instance_prompt", "minimum_image_size", "maximum_image_size",
     "target_downsample_size", "crop", "crop_style", "crop_aspect", "cache_dir_vae",
 }
+# Top-level config.json options that apply to video datasets: kept apart, so image trainers need not define them.
+VIDEO_DEFAULT_KEYS = {"framerate"}
+VIDEO_BLOCK_KEYS = ("num_frames", "min_frames", "max_frames", "is_i2v", "bucket_strategy", "frame_interval")
+BUCKET_STRATEGIES = ("aspect_ratio", "resolution_frames")
+DEFAULT_NUM_FRAMES = 93  # LongCat-Video's training and inference length (about 6 s at 15 fps)
+DEFAULT_VIDEO_RESOLUTION = 480  # LongCat-Video's 480p (pixel_area: about 480 x 480 pixels of area)
 CAPTION_STRATEGIES = ("textfile", "filename", "instanceprompt", "parquet")
 EMBED_TYPES = ("text_embeds", "image_embeds", "conditioning_image_embeds")
 
@@ -79,11 +106,27 @@ class MetadataSpec:
 
 
 @dataclasses.dataclass
+class VideoSpec:
+    """A video dataset's clip settings (the `video` block plus the config's `framerate`; rules in the docstring)."""
+    num_frames: int = DEFAULT_NUM_FRAMES  # frames per training clip, 4k+1 (aspect_ratio: every clip has this many)
+    min_frames: Optional[int] = None  # clips with fewer frames are excluded (too_short); default num_frames
+    max_frames: Optional[int] = None  # aspect_ratio: longer clips are excluded (too_long); resolution_frames: cap
+    is_i2v: bool = False  # image-to-video: the first latent frame is a clean start frame
+    bucket_strategy: str = "aspect_ratio"  # aspect_ratio: (W, H, num_frames) buckets; resolution_frames: (W, H, F)
+    frame_interval: Optional[int] = None  # resolution_frames: clip lengths F with (F - 1) % lcm(4, interval) == 0
+    fps: Optional[float] = None  # sampling rate (config `framerate`); None: the file's own frames
+
+    def frames_step(self) -> int:
+        """resolution_frames: the step of the allowed lengths F = 1 + k * step (4, or a multiple of 4)."""
+        return 4 if not self.frame_interval else math.lcm(4, self.frame_interval)
+
+
+@dataclasses.dataclass
 class DatasetSpec:
-    """One enabled local image dataset. Defaults: simpletuner_compat.md §2 (global flags in brackets there)."""
+    """One enabled local dataset. Defaults: simpletuner_compat.md §2 (global flags in brackets there)."""
     id: str
     instance_data_dir: str
-    dataset_type: str = "image"  # "image" (trained on) or "conditioning" (edit reference images)
+    dataset_type: str = "image"  # "image" or "video" (trained on), or "conditioning" (edit references, start frames)
     type: str = "local"
     caption_strategy: Optional[str] = "filename"  # None for conditioning datasets
     instance_prompt: Optional[Union[str, list]] = None
@@ -111,6 +154,7 @@ class DatasetSpec:
     skip_file_discovery: tuple = ()
     max_num_samples: Optional[int] = None
     disable_validation: bool = False
+    video: Optional[VideoSpec] = None  # set on video datasets only
 
 
 def _fail(ds: str, msg: str):
@@ -157,15 +201,61 @@ def _choice(ds, key, val, choices, unsupported=()):
     return val
 
 
-def _check_keys(ds, entry: dict, ignored: list):
+def _check_keys(ds, entry: dict, ignored: list, is_video: bool = False):
     for key in entry:
-        if key in SPEC_KEYS:
+        if key in SPEC_KEYS and (is_video or key not in VIDEO_KEYS):
             continue
-        if key in IGNORED_KEYS:
+        if key in IGNORED_KEYS or key in VIDEO_KEYS:
             ignored.append(key)
             continue
+        if key in VIDEO_BLOCK_KEYS:
+            _fail(ds, f"{key!r} belongs in the \"video\" block: \"video\": {{\"{key}\": ...}}")
         near = difflib.get_close_matches(key, sorted(SPEC_KEYS | IGNORED_KEYS), n=1, cutoff=0.6)
         _fail(ds, f"unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
+
+
+def nearest_frame_counts(n: int) -> tuple:
+    """The valid (4k+1) frame counts either side of n."""
+    low = n - (n - 1) % 4
+    return (low, low + 4) if low != n else (n,)
+
+
+def _video_spec(ds, entry: dict, defaults: dict, has_start_frames: bool) -> VideoSpec:
+    block = entry.get("video") or {}
+    if not isinstance(block, dict):
+        _fail(ds, "\"video\" must be an object, e.g. {\"num_frames\": 93}")
+    for key in block:
+        if key not in VIDEO_BLOCK_KEYS:
+            near = difflib.get_close_matches(key, VIDEO_BLOCK_KEYS, n=1, cutoff=0.6)
+            _fail(ds, f"unknown video key {key!r}" + (f"; did you mean {near[0]!r}?" if near else "") +
+                  f" (video keys: {', '.join(VIDEO_BLOCK_KEYS)})")
+    for key in ("is_i2v", "bucket_strategy"):  # allowed in both places; they must agree
+        if entry.get(key) is not None and block.get(key) is not None and entry[key] != block[key]:
+            _fail(ds, f"{key} is {entry[key]!r} at the top level but {block[key]!r} in the video block")
+    get = lambda k: block[k] if block.get(k) is not None else entry.get(k)  # noqa: E731
+    v = VideoSpec()
+    n = _num(ds, "video.num_frames", block.get("num_frames") or DEFAULT_NUM_FRAMES, integer=True, positive=True)
+    if (n - 1) % 4:
+        _fail(ds, f"video.num_frames {n} is not 4k+1: LongCat-Video's VAE encodes the first frame alone and then 4 "
+                  f"frames per latent frame, so (num_frames - 1) % 4 must be 0; nearest valid: "
+                  f"{' or '.join(map(str, nearest_frame_counts(n)))}")
+    v.num_frames = n
+    v.min_frames = _num(ds, "video.min_frames", block.get("min_frames"), integer=True, positive=True) or n
+    if v.min_frames < n:
+        _fail(ds, f"video.min_frames {v.min_frames} is below num_frames {n}: a clip needs num_frames frames")
+    v.max_frames = _num(ds, "video.max_frames", block.get("max_frames"), integer=True, positive=True)
+    if v.max_frames is not None and v.max_frames < v.min_frames:
+        _fail(ds, f"video.max_frames {v.max_frames} is below min_frames {v.min_frames}: no clip could pass")
+    i2v = get("is_i2v")
+    if i2v is not None and not _bool(ds, "is_i2v", i2v) and has_start_frames:
+        _fail(ds, "conditioning_data names a start-frame dataset, but is_i2v is false; set \"is_i2v\": true "
+                  "(or drop conditioning_data for text-to-video)")
+    v.is_i2v = has_start_frames if i2v is None else _bool(ds, "is_i2v", i2v)
+    v.bucket_strategy = _choice(ds, "video.bucket_strategy", get("bucket_strategy") or "aspect_ratio",
+                                BUCKET_STRATEGIES)
+    v.frame_interval = _num(ds, "video.frame_interval", block.get("frame_interval"), integer=True, positive=True)
+    v.fps = _num(ds, "framerate", defaults.get("framerate"), positive=True)
+    return v
 
 
 def _metadata_spec(ds, block, data_dir) -> MetadataSpec:
@@ -214,7 +304,7 @@ def _aspect_buckets(ds, val):
     return out
 
 
-def _build_spec(entry: dict, defaults: dict) -> DatasetSpec:
+def _build_spec(entry: dict, defaults: dict, is_video: bool = False) -> DatasetSpec:
     ds = entry["id"]
     get = lambda k, d=None: entry[k] if entry.get(k) is not None else defaults.get(k, d)  # noqa: E731
     data_dir = entry.get("instance_data_dir")
@@ -224,7 +314,10 @@ def _build_spec(entry: dict, defaults: dict) -> DatasetSpec:
     if not os.path.isdir(data_dir):
         _fail(ds, f"instance_data_dir {data_dir} is not a folder")
     is_cond = entry.get("dataset_type") == "conditioning"
-    spec = DatasetSpec(id=ds, instance_data_dir=data_dir, dataset_type="conditioning" if is_cond else "image")
+    dtype = "conditioning" if is_cond else "video" if entry.get("dataset_type") == "video" else "image"
+    spec = DatasetSpec(id=ds, instance_data_dir=data_dir, dataset_type=dtype)
+    if is_video:  # every dataset of a video run: LongCat-Video's 480p unless set (start frames take their clip's size)
+        defaults = {"resolution": DEFAULT_VIDEO_RESOLUTION, **defaults}
 
     strategy = None if is_cond else get("caption_strategy", "filename")  # conditioning sets have no captions
     spec.caption_strategy = strategy and _choice(ds, "caption_strategy", strategy, CAPTION_STRATEGIES,
@@ -286,6 +379,8 @@ def _build_spec(entry: dict, defaults: dict) -> DatasetSpec:
     if not isinstance(links, list) or not all(isinstance(x, str) for x in links):
         _fail(ds, "conditioning_data must be a dataset id or a list of ids")
     spec.conditioning_data = list(links)
+    if dtype == "video":
+        spec.video = _video_spec(ds, entry, defaults, has_start_frames=bool(links))
     ctype = entry.get("conditioning_type")
     if ctype is not None:
         spec.conditioning_type = _choice(ds, "conditioning_type", ctype, ("reference_strict", "reference_loose"),
@@ -293,14 +388,20 @@ def _build_spec(entry: dict, defaults: dict) -> DatasetSpec:
     return spec
 
 
-def parse_datasets(entries, *, is_edit: bool = False, defaults: Optional[dict] = None,
+def parse_datasets(entries, *, is_edit: bool = False, is_video: bool = False, defaults: Optional[dict] = None,
                    log: Callable[[str], None] = print) -> list:
-    """Validate a parsed multidatabackend list; returns the enabled image + conditioning `DatasetSpec`s, in order.
+    """Validate a parsed multidatabackend list; returns the enabled training + conditioning `DatasetSpec`s, in order.
 
-    `defaults`: top-level config.json values (resolution, resolution_type, caption_strategy, ...) that apply to
-    every dataset that does not set them, as SimpleTuner's global flags do. `is_edit`: LongCat-Image-Edit run.
+    `defaults`: top-level config.json values (resolution, resolution_type, caption_strategy, ..., and `framerate`
+    for video runs) that apply to every dataset that does not set them, as SimpleTuner's global flags do.
+    `is_edit`: LongCat-Image-Edit run. `is_video`: LongCat-Video run (trains `video` datasets; their start-frame
+    `conditioning` datasets come along).
     """
-    defaults = {k: v for k, v in (defaults or {}).items() if k in GLOBAL_DEFAULT_KEYS and v is not None}
+    if is_edit and is_video:
+        raise ValueError("parse_datasets: is_edit and is_video are exclusive (an I2V video run links start frames "
+                         "through conditioning_data on its own)")
+    keys = GLOBAL_DEFAULT_KEYS | (VIDEO_DEFAULT_KEYS if is_video else set())
+    defaults = {k: v for k, v in (defaults or {}).items() if k in keys and v is not None}
     if not isinstance(entries, list):
         raise ConfigError("multidatabackend: expected a JSON list of dataset entries")
     raw, seen, notes = [], set(), []
@@ -318,21 +419,25 @@ def parse_datasets(entries, *, is_edit: bool = False, defaults: Optional[dict] =
             notes.append(f"dataset {ds!r} ({dtype}) skipped: this trainer manages its own latent and text caches")
             continue
         ignored = []
-        _check_keys(ds, entry, ignored)
+        _check_keys(ds, entry, ignored, is_video=is_video and dtype == "video")
         if _bool(ds, "disabled", entry.get("disabled", entry.get("disable", False))):
             notes.append(f"dataset {ds!r} is disabled, skipped")
             continue
-        if dtype not in ("image", "conditioning"):
-            _fail(ds, f"dataset_type {dtype!r} is not supported yet (this trainer reads image and conditioning "
-                      "datasets)" if dtype in ("video", "audio", "eval", "caption") else
-                      f"unknown dataset_type {dtype!r} (image, conditioning, text_embeds, image_embeds)")
+        if dtype == "video" and not is_video:
+            _fail(ds, "dataset_type 'video' is not supported yet in an image run (train_image.py trains image "
+                      "datasets); train videos with train_video.py")
+        if dtype not in ("image", "conditioning", "video"):
+            _fail(ds, f"dataset_type {dtype!r} is not supported yet (this trainer reads image, video and conditioning "
+                      "datasets)" if dtype in ("audio", "eval", "caption") else
+                      f"unknown dataset_type {dtype!r} (image, video, conditioning, text_embeds, image_embeds)")
         if (entry.get("type") or "local") != "local":
             _fail(ds, f"type {entry.get('type')!r} is not supported: only local folders (\"type\": \"local\")")
         if ignored:
             notes.append(f"dataset {ds!r}: SimpleTuner keys accepted but not used: {', '.join(sorted(ignored))}")
         raw.append(entry)
 
-    specs = {e["id"]: _build_spec(e, defaults) for e in raw}
+    specs = {e["id"]: _build_spec(e, defaults, is_video) for e in raw}
+    train_type = "video" if is_video else "image"
     all_ids = {e.get("id") for e in entries if isinstance(e, dict)}
     explicit = {e["id"]: e.get("dataset_type") is not None for e in raw}
     for spec in specs.values():
@@ -340,23 +445,36 @@ def parse_datasets(entries, *, is_edit: bool = False, defaults: Optional[dict] =
             _fail(spec.id, "a conditioning dataset cannot itself have conditioning_data")
         for target in spec.conditioning_data:
             if target not in specs:
-                state = "is disabled or not an image dataset" if target in all_ids else "does not exist"
+                state = "is disabled or not a local dataset" if target in all_ids else "does not exist"
                 _fail(spec.id, f"conditioning_data names {target!r}, which {state}"
                                f" (enabled ids: {', '.join(sorted(specs))})")
             other = specs[target]
             if other.dataset_type != "conditioning":
                 if explicit[target] or other.conditioning_data or target == spec.id:
-                    _fail(spec.id, f"conditioning_data names {target!r}, which is a training image dataset; set "
-                                   f"\"dataset_type\": \"conditioning\" on {target!r}")
+                    _fail(spec.id, f"conditioning_data names {target!r}, which is a training {other.dataset_type} "
+                                   f"dataset; set \"dataset_type\": \"conditioning\" on {target!r}")
                 other.dataset_type, other.caption_strategy = "conditioning", None
+                what = "start frames" if spec.dataset_type == "video" else "reference images"
                 notes.append(f"dataset {target!r} is named by {spec.id!r} in conditioning_data: "
-                             "used as its reference images (dataset_type conditioning)")
+                             f"used as its {what} (dataset_type conditioning)")
         if len(spec.conditioning_data) > 1:
-            _fail(spec.id, f"LongCat-Image-Edit takes one reference image per sample; conditioning_data lists "
-                           f"{len(spec.conditioning_data)} datasets")
+            one = ("LongCat-Video I2V takes one start frame per clip" if spec.dataset_type == "video" else
+                   "LongCat-Image-Edit takes one reference image per sample")
+            _fail(spec.id, f"{one}; conditioning_data lists {len(spec.conditioning_data)} datasets")
 
-    trains = [s for s in specs.values() if s.dataset_type == "image"]
-    if is_edit:
+    trains = [s for s in specs.values() if s.dataset_type == train_type]
+    if is_video:
+        images = [s.id for s in specs.values() if s.dataset_type == "image"]
+        if images:
+            raise ConfigError(f"multidatabackend: a video run (train_video.py) trains dataset_type 'video' datasets; "
+                              f"image dataset(s) {', '.join(map(repr, images))} cannot be used in it (train images "
+                              "with train_image.py; I2V start frames go in a \"dataset_type\": \"conditioning\" "
+                              "dataset named by the video dataset's conditioning_data)")
+        for s in trains:
+            if s.video.bucket_strategy == "resolution_frames" and s.video.max_frames is None:
+                notes.append(f"dataset {s.id!r}: bucket_strategy resolution_frames without video.max_frames: every "
+                             "clip trains at its full length (rounded down to 4k+1)")
+    elif is_edit:
         missing = [s.id for s in trains if not s.conditioning_data]
         if missing:
             raise ConfigError(f"multidatabackend: an Edit run needs reference images: dataset(s) "
@@ -376,14 +494,15 @@ def parse_datasets(entries, *, is_edit: bool = False, defaults: Optional[dict] =
         elif s.conditioning_type == "reference_loose":
             notes.append(f"dataset {s.id!r}: reference_loose is treated as reference_strict (the reference takes "
                          "its target's resize and crop, as the official trainer does)")
-    if not any(s.dataset_type == "image" for s in specs.values()):
-        raise ConfigError("multidatabackend: no enabled image dataset to train on")
+    if not any(s.dataset_type == train_type for s in specs.values()):
+        raise ConfigError(f"multidatabackend: no enabled {train_type} dataset to train on" +
+                          (" (a video run trains \"dataset_type\": \"video\" datasets)" if is_video else ""))
     for note in notes:
         log(f"note: {note}")
     return list(specs.values())
 
 
-def load_datasets(path: str, *, is_edit: bool = False, defaults: Optional[dict] = None,
+def load_datasets(path: str, *, is_edit: bool = False, is_video: bool = False, defaults: Optional[dict] = None,
                   log: Callable[[str], None] = print) -> list:
     """Read a multidatabackend.json (jsonc allowed) and return `parse_datasets` of it."""
     try:
@@ -393,4 +512,4 @@ def load_datasets(path: str, *, is_edit: bool = False, defaults: Optional[dict] 
         raise ConfigError(f"data_backend_config file not found: {path}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    return parse_datasets(entries, is_edit=is_edit, defaults=defaults, log=log)
+    return parse_datasets(entries, is_edit=is_edit, is_video=is_video, defaults=defaults, log=log)

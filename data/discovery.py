@@ -26,6 +26,8 @@ Follows SimpleTuner's data path (shared/specs/vae_and_data.md §3.2-3.4, §3.8, 
 Exclusion reasons are "code: detail" strings; the codes: unreadable, missing_caption, unreadable_caption,
 empty_caption, too_small, aspect_out_of_range, unpaired_target, bad_reference, max_num_samples (training images);
 unreadable, too_small, orphan_reference, target_excluded (references).
+Video runs (a `video` dataset among the specs) are discovered by data/clips.py, with the same records, report and
+cache; `discover` hands them over.
 """
 import csv
 import json
@@ -38,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional, Union
 
 from checkpoint import atomic_write_json
-from data.buckets import BucketPlanner, Geometry, check_alignment, format_bucket_table
+from data.buckets import BucketPlanner, Geometry, bucket_label, check_alignment, format_bucket_table
 from data.images import IMAGE_EXTENSIONS, BadSample, image_size, probe_image
 
 JUNK_DIRS = {"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information", "__pycache__", "lost+found"}
@@ -62,7 +64,8 @@ def reason_code(reason: str) -> str:
 
 @dataclass
 class Sample:
-    """One training image (or the edit reference attached to one). Sizes are EXIF-upright originals."""
+    """One training image or video clip (or the edit reference / I2V start frame attached to one). Sizes are as
+    displayed: EXIF-upright images, rotation-applied videos. The video fields are None on images."""
     dataset_id: str
     path: str  # absolute path
     rel: str  # path relative to the dataset's instance_data_dir, posix separators
@@ -71,7 +74,17 @@ class Sample:
     height: int
     geometry: Geometry
     fingerprint: str  # f"{st_size}-{st_mtime_ns}" of the source file
-    conditioning: Optional["Sample"] = None  # the edit reference, with this sample's geometry
+    conditioning: Optional["Sample"] = None  # the edit reference or I2V start frame, with this sample's geometry
+    frames: Optional[int] = None  # video: F, the frames of one training clip (4k+1)
+    fps: Optional[float] = None  # video: the rate frames are sampled at (read_video's fps); None: the file's own
+    start: float = 0.0  # video: seconds into the file where the clip starts (always the head, 0, for now)
+    source_fps: Optional[float] = None  # video: the file's average frame rate
+    source_frames: Optional[int] = None  # video: the file's frame count
+
+    @property
+    def bucket(self) -> tuple:
+        """This sample's key in `DataIndex.buckets`: (W, H) for images, (W, H, F) for clips."""
+        return self.geometry.bucket if self.frames is None else (*self.geometry.bucket, self.frames)
 
 
 @dataclass
@@ -83,9 +96,10 @@ class _File:
     error: Optional[str] = None  # "unreadable: ..." when the file cannot be used at all
 
 
-def list_images(root: str, skip: frozenset = frozenset()) -> list:
-    """Sorted [(rel posix path, absolute path)] of the image files under `root` (rules in the module docstring).
-    A file reachable under several names (symlinks) is listed once, under its own name when that is one of them."""
+def list_images(root: str, skip: frozenset = frozenset(), extensions: frozenset = IMAGE_EXTENSIONS) -> list:
+    """Sorted [(rel posix path, absolute path)] of the image files (or other `extensions`, lower case with the dot)
+    under `root` (rules in the module docstring). A file reachable under several names (symlinks) is listed once,
+    under its own name when that is one of them."""
     by_real, seen_dirs = {}, set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -95,7 +109,7 @@ def list_images(root: str, skip: frozenset = frozenset()) -> list:
         seen_dirs.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in JUNK_DIRS)
         for name in filenames:
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in extensions:
                 continue
             path = os.path.abspath(os.path.join(dirpath, name))
             rel = os.path.relpath(path, root).replace(os.sep, "/")
@@ -241,10 +255,10 @@ class _References:
 @dataclass
 class DataIndex:
     """Everything discovery found. `samples`/`buckets` hold training datasets only; references hang off
-    `Sample.conditioning`. `counts[id]`: role, found, usable, excluded {code: n}, buckets {"WxH": n}."""
+    `Sample.conditioning`. `counts[id]`: role, found, usable, excluded {code: n}, buckets {"WxH" or "WxH@F": n}."""
     specs: dict
     samples: dict
-    buckets: dict  # dataset id -> {(W, H): [Sample]}
+    buckets: dict  # dataset id -> {(W, H) or (W, H, F): [Sample]}
     excluded: list  # [Excluded(path, dataset_id, reason)]
     counts: dict
     warnings: list = field(default_factory=list)
@@ -280,7 +294,7 @@ class DataIndex:
         lines = [f"data: {n} training samples in {n_buckets} buckets from {len(self.samples)} dataset(s); "
                  f"{len(self.excluded)} file(s) excluded{where}"]
         for ds, c in self.counts.items():
-            role = "" if c["role"] == "image" else f" (references of {', '.join(c['references_for'])})"
+            role = "" if c["role"] != "conditioning" else f" (references of {', '.join(c['references_for'])})"
             why = ", ".join(f"{k} {v}" for k, v in c["excluded"].items())
             lines.append(f"  {ds}{role}: {c['found']} found, {c['usable']} usable" + (f"; excluded: {why}" if why else ""))
         if self.warnings:
@@ -293,31 +307,119 @@ def _counts(spec, files, excluded_here, usable) -> dict:
             "usable": usable, "excluded": dict(sorted(Counter(reason_code(r) for _, r in excluded_here).items()))}
 
 
-def discover(specs: list, *, seed: int = 0, alignment: int = 64, is_edit: bool = False,
+def skip_dirs(specs: dict, output_dir: Optional[str]) -> frozenset:
+    """Real paths of folders discovery never enters: output_dir and every cache_dir_vae (see the module docstring)."""
+    return frozenset(os.path.realpath(d) for d in [output_dir] + [s.cache_dir_vae for s in specs.values()] if d)
+
+
+def load_cache(output_dir: Optional[str]) -> dict:
+    """output_dir/discovery_cache.json as {path: entry}; empty when there is none or it is damaged."""
+    path = os.path.join(output_dir, CACHE_NAME) if output_dir else None
+    if path and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            pass  # a damaged cache is only a slower start
+    return {}
+
+
+def save_cache(output_dir: Optional[str], cache: dict, files: dict) -> None:
+    """Rewrite the cache with the current files only ({id: [_File]}), so entries of deleted files do not pile up."""
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        atomic_write_json(os.path.join(output_dir, CACHE_NAME),
+                          {f.path: cache[f.path] for fs in files.values() for f in fs if f.path in cache})
+
+
+def keep_subset(spec, rows: list) -> None:
+    """`max_num_samples`: rows are [file, reason, ...]; the usable ones outside the seeded subset get a reason."""
+    ok = [r for r in rows if not r[1]]
+    if spec.max_num_samples and len(ok) > spec.max_num_samples:
+        keep = set(random.Random(f"max_num_samples:{spec.id}").sample(range(len(ok)), spec.max_num_samples))
+        for i, r in enumerate(ok):
+            if i not in keep:
+                r[1] = f"max_num_samples: not in the {spec.max_num_samples}-sample subset"
+
+
+def reference_problem(ref, why: Optional[str], ref_planner) -> Optional[str]:
+    """Exclusion reason of a target whose reference (start frame) is missing or unusable, else None."""
+    if ref is None:
+        return f"unpaired_target: {why}"
+    problem = ref.error or ref_planner.too_small(ref.size)
+    return f"bad_reference: {ref.rel}: {problem}" if problem else None
+
+
+def stretch_warning(cond_id: str, ref, f) -> Optional[str]:
+    """A warning when a reference's aspect differs from its target's by more than ASPECT_WARN (it gets stretched)."""
+    skew = (ref.size[0] / ref.size[1]) / (f.size[0] / f.size[1])
+    if abs(skew - 1) > ASPECT_WARN:
+        return (f"{cond_id}/{ref.rel} is {ref.size[0]}x{ref.size[1]} but its target {f.rel} is "
+                f"{f.size[0]}x{f.size[1]}: stretched to the target's geometry")
+    return None
+
+
+def reference_exclusions(cond, files: list, ref_use: dict, targets: list, planner) -> list:
+    """[(path, reason)] of the files of a reference dataset that no kept target uses."""
+    here = []
+    for f in files:
+        status = ref_use.get(f.rel)
+        if status == "used":
+            continue
+        reason = f.error or planner.too_small(f.size) or (
+            f"target_excluded: its target {status} was excluded" if status else
+            f"orphan_reference: no file named {os.path.splitext(os.path.basename(f.rel))[0]}.* in "
+            f"{', '.join(targets)}")
+        here.append((f.path, reason))
+    return here
+
+
+def group_buckets(kept: list) -> dict:
+    """{bucket key: [Sample]}, ordered by aspect, then key (sample.bucket: (W, H), or (W, H, F) for clips)."""
+    per_bucket = defaultdict(list)
+    for s in kept:
+        per_bucket[s.bucket].append(s)
+    return dict(sorted(per_bucket.items(), key=lambda kv: (kv[0][0] / kv[0][1], kv[0])))
+
+
+def finish(index: DataIndex, output_dir: Optional[str], what: str) -> DataIndex:
+    """Write the report (with output_dir); raise DataError naming every training dataset left empty."""
+    if output_dir:
+        index.write_report(os.path.join(output_dir, REPORT_NAME))
+    empty = [ds for ds, kept in index.samples.items() if not kept]
+    if empty:
+        where = f"every excluded file and its reason: {index.report_path}" if index.report_path else \
+            "pass output_dir to get data_report.json listing every excluded file"
+        parts = []
+        for ds in empty:
+            c = index.counts[ds]
+            why = ", ".join(f"{k} {v}" for k, v in c["excluded"].items()) or f"none, the folder holds no {what}"
+            parts.append(f"dataset {ds!r} ({c['instance_data_dir']}) has no usable samples: "
+                         f"{c['found']} found; excluded: {why}")
+        raise DataError("; ".join(parts) + f". {where}")
+    return index
+
+
+def discover(specs: list, *, seed: int = 0, alignment: int = 64, is_edit: bool = False, is_video: bool = False,
              output_dir: Optional[str] = None, verify_images: bool = True,
              log: Callable[[str], None] = print) -> DataIndex:
     """Walk every dataset, caption, filter, bucket and pair. Writes `output_dir/data_report.json` (and the
-    discovery cache) when `output_dir` is given. Raises DataError when a training dataset ends up empty."""
+    discovery cache) when `output_dir` is given. Raises DataError when a training dataset ends up empty.
+    A video run (`is_video`, or any `video` dataset in specs) goes to data.clips.discover_videos, with
+    verify_images meaning "verify the clips and start frames"."""
+    if is_video or any(s.dataset_type == "video" for s in specs):
+        from data.clips import discover_videos  # clips.py builds on this module
+        return discover_videos(specs, seed=seed, alignment=alignment, output_dir=output_dir, verify=verify_images,
+                               log=log)
     check_alignment(alignment)
     specs = {s.id: s for s in specs}
     trains = [s for s in specs.values() if s.dataset_type == "image"]
     if is_edit and any(not s.conditioning_data or s.conditioning_data[0] not in specs for s in trains):
         raise DataError("an Edit run needs conditioning_data naming a reference dataset on every training dataset")
-    skip = {os.path.realpath(d) for d in [output_dir] + [s.cache_dir_vae for s in specs.values()] if d}
-    cache_path = os.path.join(output_dir, CACHE_NAME) if output_dir else None
-    cache = {}
-    if cache_path and os.path.isfile(cache_path):
-        try:
-            with open(cache_path, encoding="utf-8") as f:
-                cache = json.load(f)
-        except (OSError, ValueError):
-            cache = {}  # a damaged cache is only a slower start
+    skip, cache = skip_dirs(specs, output_dir), load_cache(output_dir)
     used = [s for s in specs.values() if s.dataset_type == "image" or is_edit]
-    files = {s.id: _scan(list_images(s.instance_data_dir, frozenset(skip)), verify_images, cache, log, repr(s.id))
-             for s in used}
-    if cache_path:  # rewritten with the current files only, so entries of deleted files do not pile up
-        os.makedirs(output_dir, exist_ok=True)
-        atomic_write_json(cache_path, {f.path: cache[f.path] for fs in files.values() for f in fs if f.path in cache})
+    files = {s.id: _scan(list_images(s.instance_data_dir, skip), verify_images, cache, log, repr(s.id)) for s in used}
+    save_cache(output_dir, cache, files)
 
     excluded, samples, buckets, counts, warnings = [], {}, {}, {}, []
     ref_use = defaultdict(dict)  # reference dataset id -> ref rel -> "used", or why its target was excluded
@@ -338,18 +440,9 @@ def discover(specs: list, *, seed: int = 0, alignment: int = 64, is_edit: bool =
                 geom = planner.plan(f.size, f.rel)
                 reason = planner.aspect_out_of_range(geom)
             if not reason and cond:
-                problem = ref and (ref.error or ref_planner.too_small(ref.size))
-                if ref is None:
-                    reason = f"unpaired_target: {why}"
-                elif problem:
-                    reason = f"bad_reference: {ref.rel}: {problem}"
+                reason = reference_problem(ref, why, ref_planner)
             rows.append([f, reason, caption, geom, ref])
-        ok = [r for r in rows if not r[1]]
-        if spec.max_num_samples and len(ok) > spec.max_num_samples:
-            keep = set(random.Random(f"max_num_samples:{spec.id}").sample(range(len(ok)), spec.max_num_samples))
-            for i, r in enumerate(ok):
-                if i not in keep:
-                    r[1] = f"max_num_samples: not in the {spec.max_num_samples}-sample subset"
+        keep_subset(spec, rows)
         here, kept = [], []
         for f, reason, caption, geom, ref in rows:
             if ref is not None and ref_use[cond.id].get(ref.rel) != "used":
@@ -360,50 +453,22 @@ def discover(specs: list, *, seed: int = 0, alignment: int = 64, is_edit: bool =
             sample = Sample(spec.id, f.path, f.rel, caption, *f.size, geom, f.fingerprint)
             if ref is not None:
                 sample.conditioning = Sample(cond.id, ref.path, ref.rel, None, *ref.size, geom, ref.fingerprint)
-                skew = (ref.size[0] / ref.size[1]) / (f.size[0] / f.size[1])
-                if abs(skew - 1) > ASPECT_WARN:
-                    warnings.append(f"{cond.id}/{ref.rel} is {ref.size[0]}x{ref.size[1]} but its target "
-                                    f"{f.rel} is {f.size[0]}x{f.size[1]}: stretched to the target's geometry")
+                warnings += [w for w in [stretch_warning(cond.id, ref, f)] if w]
             kept.append(sample)
         excluded += [Excluded(p, spec.id, r) for p, r in here]
         samples[spec.id] = kept
-        per_bucket = defaultdict(list)
-        for s in kept:
-            per_bucket[s.geometry.bucket].append(s)
-        buckets[spec.id] = dict(sorted(per_bucket.items(), key=lambda kv: (kv[0][0] / kv[0][1], kv[0])))
+        buckets[spec.id] = group_buckets(kept)
         counts[spec.id] = _counts(spec, files[spec.id], here, len(kept))
-        counts[spec.id]["buckets"] = {f"{w}x{h}": len(v) for (w, h), v in buckets[spec.id].items()}
+        counts[spec.id]["buckets"] = {bucket_label(b): len(v) for b, v in buckets[spec.id].items()}
 
     for cond in (s for s in specs.values() if s.dataset_type == "conditioning" and is_edit):
         targets = [s.id for s in trains if cond.id in s.conditioning_data]
-        here, planner = [], BucketPlanner(cond, seed=seed, alignment=alignment)
-        for f in files[cond.id]:
-            status = ref_use[cond.id].get(f.rel)
-            if status == "used":
-                continue
-            reason = f.error or planner.too_small(f.size) or (
-                f"target_excluded: its target {status} was excluded" if status else
-                f"orphan_reference: no file named {os.path.splitext(os.path.basename(f.rel))[0]}.* in "
-                f"{', '.join(targets)}")
-            here.append((f.path, reason))
+        planner = BucketPlanner(cond, seed=seed, alignment=alignment)
+        here = reference_exclusions(cond, files[cond.id], ref_use[cond.id], targets, planner)
         excluded += [Excluded(p, cond.id, r) for p, r in here]
         counts[cond.id] = _counts(cond, files[cond.id], here, len(files[cond.id]) - len(here))
         counts[cond.id]["references_for"] = targets
 
     settings = {"seed": seed, "alignment": alignment, "is_edit": is_edit, "verify_images": verify_images}
     index = DataIndex(specs, samples, buckets, excluded, counts, warnings, settings=settings)
-    if output_dir:
-        index.write_report(os.path.join(output_dir, REPORT_NAME))
-    empty = [ds for ds, kept in samples.items() if not kept]
-    if empty:
-        where = f"every excluded file and its reason: {index.report_path}" if index.report_path else \
-            "pass output_dir to get data_report.json listing every excluded file"
-        parts = []
-        for ds in empty:
-            c = counts[ds]
-            why = ", ".join(f"{k} {v}" for k, v in c["excluded"].items()) or \
-                "none, the folder holds no image files (.png, .jpg, .webp, ...: anything PIL decodes)"
-            parts.append(f"dataset {ds!r} ({c['instance_data_dir']}) has no usable samples: "
-                         f"{c['found']} found; excluded: {why}")
-        raise DataError("; ".join(parts) + f". {where}")
-    return index
+    return finish(index, output_dir, "image files (.png, .jpg, .webp, ...: anything PIL decodes)")

@@ -1,5 +1,7 @@
 """
 BucketBatchSampler: an endless, resumable stream of batches in which every batch comes from ONE bucket of ONE dataset.
+Buckets are the keys of `index.buckets`: (W, H) for images, (W, H, F) for video clips, so a video batch shares
+its frame count as well as its size.
 
 One epoch, planned up front from (seed, epoch) alone (shared/specs/vae_and_data.md §3.5, §5.2):
   1. per dataset, per bucket: every sample repeats + 1 times (SimpleTuner's `repeats`), shuffled, cut into GLOBAL
@@ -22,6 +24,7 @@ import hashlib
 import random
 from typing import Callable
 
+from data.buckets import bucket_label
 from data.discovery import DataError
 
 
@@ -42,7 +45,7 @@ class BucketBatchSampler:
             kept = []
             for bucket, samples in per_bucket.items():
                 if len(samples) * (reps + 1) < b * world_size:
-                    pruned.append(f"{ds} {bucket[0]}x{bucket[1]} ({len(samples)} x {reps + 1})")
+                    pruned.append(f"{ds} {bucket_label(bucket)} ({len(samples)} x {reps + 1})")
                 else:
                     kept.append((bucket, samples))
             if kept:
@@ -58,7 +61,7 @@ class BucketBatchSampler:
         self.digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
     def plan_epoch(self, epoch: int) -> list:
-        """The epoch's global batches, in order: [(dataset id, bucket (W, H), [Sample] of length B x W)]."""
+        """The epoch's global batches, in order: [(dataset id, bucket (W, H) or (W, H, F), [Sample] of B x W)]."""
         rng = random.Random(f"bucket-sampler:{self.seed}:{epoch}")
         queues, weights = {}, {}
         for ds, (b, reps, weight, kept) in self.groups.items():
