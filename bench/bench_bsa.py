@@ -6,12 +6,13 @@ THW <-> chunk permutes and the gathered batched SDPA, all included in the timing
 [B, heads, S, D] tensors, forward and forward+backward (grads w.r.t. q, k, v). Median wall-clock over a few repeats
 after one warm-up; the ratio is dense / BSA and "% ideal" is that ratio over the ideal 1 / (1 - sparsity).
 
-GPU part (only with CUDA, skipped otherwise): the Triton forward kernel (backend="triton"; its backward still
-recomputes through the torch path, see the kernel's docstring) vs dense SDPA with the FLASH backend forced, bf16,
-timed with `triton.testing.do_bench` (median), per ../shared/specs/kernels.md §11.
+GPU part (only with CUDA, skipped otherwise): the Triton kernels (backend="triton": forward kernel, and for fwd+bwd
+the Triton Delta / dK-dV / dQ backward kernels) vs dense SDPA with the FLASH backend forced, bf16, timed with
+`triton.testing.do_bench` (median), per ../shared/specs/kernels.md §11.
 
     python bench/bench_bsa.py                     # CPU table (S 4096 and 16384, D 64 and 128)
     python bench/bench_bsa.py --skip-16k-d128     # drop the slowest CPU row group
+    python bench/bench_bsa.py --sizes 16384 --dims 64 128 --sparsities 0.9375   # only some rows
 """
 import argparse
 import math
@@ -55,7 +56,9 @@ def cpu_section(args):
     print("| S | grid | D | sparsity | pass | dense ms | BSA ms | speedup | ideal | % of ideal |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for S, grid in GRIDS.items():
-        for D in (64, 128):
+        if S not in args.sizes:
+            continue
+        for D in args.dims:
             if S == 16384 and D == 128 and args.skip_16k_d128:
                 print(f"| {S} | {grid} | {D} | - | - | skipped (--skip-16k-d128) | | | | |")
                 continue
@@ -68,7 +71,7 @@ def cpu_section(args):
             with torch.no_grad():
                 ms_dense_f = timed(lambda: dense(q, k, v), reps)
             ms_dense_fb = timed(fwd_bwd(dense, q, k, v, do), reps)
-            for s in SPARSITIES:
+            for s in args.sparsities:
                 bsa = lambda q, k, v: block_sparse_attention(q, k, v, grid, CHUNK, s, backend="torch")  # noqa: E731
                 with torch.no_grad():
                     ms_f = timed(lambda: bsa(q, k, v), reps)
@@ -89,13 +92,15 @@ def gpu_section(args):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     print(f"# GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, "
-          f"B=1, heads={args.gpu_heads}, chunk {CHUNK}; BSA backward = torch-path recompute")
+          f"B=1, heads={args.gpu_heads}, chunk {CHUNK}; BSA fwd+bwd = Triton forward + Triton backward kernels")
     print("| S | grid | D | sparsity | pass | dense flash ms | BSA ms | speedup | ideal | % of ideal |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     grids = dict(GRIDS)
     grids[math.prod((16, 48, 48))] = (16, 48, 48)  # 36,864 tokens, 480p-class
     for S, grid in grids.items():
-        for D in (64, 128):
+        if S not in args.sizes and S != 36864:
+            continue
+        for D in args.dims:
             torch.manual_seed(0)
             q, k, v, do = (torch.randn(1, args.gpu_heads, S, D, device="cuda", dtype=torch.bfloat16)
                            for _ in range(4))
@@ -108,7 +113,7 @@ def gpu_section(args):
             with torch.no_grad():
                 ms_dense_f = triton.testing.do_bench(lambda: dense(q, k, v))
             ms_dense_fb = triton.testing.do_bench(fwd_bwd(dense, q, k, v, do))
-            for s in SPARSITIES:
+            for s in args.sparsities:
                 bsa = lambda q, k, v: block_sparse_attention(q, k, v, grid, CHUNK, s, backend="triton")  # noqa: E731
                 with torch.no_grad():
                     ms_f = triton.testing.do_bench(lambda: bsa(q, k, v))
@@ -126,6 +131,9 @@ def main():
     p.add_argument("--repeats-4k", type=int, default=5)
     p.add_argument("--repeats-16k", type=int, default=3)
     p.add_argument("--skip-16k-d128", action="store_true")
+    p.add_argument("--sizes", type=int, nargs="+", default=list(GRIDS), help=f"sequence lengths, from {list(GRIDS)}")
+    p.add_argument("--dims", type=int, nargs="+", default=[64, 128], help="head dims")
+    p.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
     p.add_argument("--gpu-heads", type=int, default=8)
     p.add_argument("--no-cpu", action="store_true", help="only the GPU section")
     args = p.parse_args()
