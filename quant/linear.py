@@ -15,8 +15,8 @@ Formats (shared/specs/kernels.md §9), weight stored as a buffer `weight_q` [out
 Why dequantize + F.linear (the reference path, quanto's / LongCat's / musubi's): weight-only quantization saves
 memory, not FLOPs. torch on CPU has no int8 x bf16 or fp8 x bf16 GEMM (torch._int_mm wants int8 activations,
 torch._scaled_mm fp8 ones, i.e. W8A8 with its activation-outlier risk), so the exact and portable path is to rebuild
-the weight in the activation dtype and call F.linear. The fused Triton kernels (kernels/) replace this path on GPU and
-are tested against it. The backward is written by hand (_DequantLinear) so autograd saves the 1-byte weight, not a
+the weight in the activation dtype and call F.linear. The fused Triton kernels (kernels/quant_matmul.py) replace this
+path when the input is on CUDA (QuantLinear.forward picks them) and are tested against it. The backward is written by hand (_DequantLinear) so autograd saves the 1-byte weight, not a
 dequantized copy per layer, and recomputes the dequantization for dX = dY @ W; the weight gets no gradient.
 
 Why not torchao / optimum-quanto: both work by tensor subclasses that other code (LoRA, FSDP, state_dict,
@@ -90,6 +90,21 @@ class _DequantLinear(torch.autograd.Function):
         return gx, None, None, gb
 
 
+_TRITON = []  # [QuantMatmulTriton or None], filled on the first CUDA forward
+
+
+def _triton_function():
+    """kernels.quant_matmul.QuantMatmulTriton, or None when Triton cannot be imported (imported lazily: CPU runs
+    never pay for it, and kernels/quant_matmul.py imports this module)."""
+    if not _TRITON:
+        try:
+            from kernels.quant_matmul import QuantMatmulTriton
+        except ImportError:
+            QuantMatmulTriton = None
+        _TRITON.append(QuantMatmulTriton)
+    return _TRITON[0]
+
+
 # -----------------------------------------------------------------------------
 # the module
 
@@ -134,6 +149,10 @@ class QuantLinear(nn.Module):
         return dequantize_weight(self.weight_q, self.weight_scale, dtype)
 
     def forward(self, x):
+        if x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            fn = _triton_function()
+            if fn is not None:  # fused kernels: the 1-byte weight is dequantized in registers, tile by tile
+                return fn.apply(x, self.weight_q, self.weight_scale, self.bias)
         return _DequantLinear.apply(x, self.weight_q, self.weight_scale, self.bias)
 
     def _apply(self, fn, recurse=True):
