@@ -17,7 +17,8 @@ Differences from FLUX.1 that matter (see ../shared/specs/longcat_image.md §2-§
 
 Module names follow the official diffusers-format checkpoint keys, so `load_state_dict(strict=True)` works on the
 released `transformer/diffusion_pytorch_model*.safetensors`. Numerics follow diffusers' LongCatImageTransformer2DModel
-operation for operation (bit-identical in fp32 and bf16 on CPU, see tests/test_dit_image.py).
+operation for operation (forward bit-identical in fp32 and bf16 on CPU, see tests/test_dit_image.py); the backward of
+RoPE and of the q/k RMSNorm is hand-written (fewer temporaries), equal to autograd's up to rounding.
 """
 import math
 from dataclasses import dataclass, field, fields
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 
 @dataclass
@@ -107,11 +108,72 @@ def rope_tables(ids: torch.Tensor, axes_dims, theta: float = 10000.0):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x_2k, x_2k+1) of x [B, S, heads, head_dim] in fp32, cast back to x's dtype."""
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    x_even, x_odd = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
-    x_rot = torch.stack([-x_odd, x_even], dim=-1).flatten(3)  # (-x_2k+1, x_2k) pairs
-    return (x.float() * cos + x_rot.float() * sin).to(x.dtype)
+    """Rotate interleaved pairs (x_2k, x_2k+1) of x [B, S, heads, head_dim] in fp32, cast back to x's dtype:
+    x * cos + (-x_2k+1, x_2k) * sin, the reference's operations (bit-identical), with fewer temporaries."""
+    return _Rope.apply(x, cos[None, :, None, :], sin[None, :, None, :])
+
+
+class _Rope(torch.autograd.Function):
+    """The reference builds (-x_odd, x_even) with neg + stack and autograd unpicks that in backward (zero-filled
+    selects, a stack of their gradients): four to five full-size temporaries each way. Here: two products written
+    into two buffers (the second straight into its interleaved slots) and one in-place sum; backward likewise."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        xf = x.float()  # x itself when x is fp32
+        out = xf * cos
+        rot = torch.empty_like(out)
+        torch.mul(xf[..., 1::2], sin[..., 0::2], out=rot[..., 0::2]).neg_()  # (-x_odd) * sin = -(x_odd * sin) exactly
+        torch.mul(xf[..., 0::2], sin[..., 1::2], out=rot[..., 1::2])
+        ctx.save_for_backward(cos, sin)
+        ctx.dtype = x.dtype
+        return out.add_(rot).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        # out_e = x_e c_e - x_o s_e, out_o = x_o c_o + x_e s_o  =>  dx_e = g_e c_e + g_o s_o, dx_o = g_o c_o - g_e s_e
+        cos, sin = ctx.saved_tensors
+        gf = g.float()
+        gx = gf * cos
+        rot = torch.empty_like(gx)
+        torch.mul(gf[..., 1::2], sin[..., 1::2], out=rot[..., 0::2])
+        torch.mul(gf[..., 0::2], sin[..., 0::2], out=rot[..., 1::2]).neg_()
+        return gx.add_(rot).to(ctx.dtype), None, None
+
+
+def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """norm(x) for the per-head q/k RMSNorm: nn.RMSNorm's forward (same kernel, same values) with a hand-written
+    backward; any other module is just called."""
+    if type(norm) is not nn.RMSNorm or norm.eps is None or len(norm.normalized_shape) != 1:
+        return norm(x)
+    return _RMSNorm.apply(x, norm.weight, norm.eps)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """y = x * r * w, r = 1 / sqrt(mean(x^2) + eps) over the last dim. Autograd through the decomposed op keeps
+    x^2, x * r and x * r * w and spends some seven full-size temporaries in backward; this saves x only and uses two:
+    dx = r * (g w - x * mean(g w x) * r^2)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        ct = torch.promote_types(x.dtype, torch.float32)  # fp32 for bf16 / fp16, else x's own dtype
+        xf, gf = x.to(ct), g.to(ct)
+        n = x.shape[-1]
+        r = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(n).add_(ctx.eps).rsqrt_()
+        gw = gf * w if w is not None else gf.clone()
+        coeff = (gw * xf).sum(-1, keepdim=True).mul_(r.pow(3)).div_(n)
+        gx = gw.mul_(r).addcmul_(xf, coeff, value=-1).to(x.dtype)
+        gwt = None
+        if w is not None and ctx.needs_input_grad[1]:
+            gwt = (gf * xf * r).sum(tuple(range(x.dim() - 1))).to(w.dtype)
+        return gx, gwt, None
 
 
 def timestep_sinusoid(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -134,7 +196,17 @@ def layer_norm(x):
 
 
 def modulate(x, shift, scale):
-    return layer_norm(x) * (1 + scale[:, None]) + shift[:, None]
+    # LN(x) * (1 + scale) + shift, in place on the fresh LN output (layer_norm's backward needs x, not its output)
+    return layer_norm(x).mul_(1 + scale[:, None]).add_(shift[:, None])
+
+
+def gated_residual(x, y, gate):
+    """x + gate * y for a linear layer's output y. When y is not a view (a LoRA layer's output is not; nn.Linear's
+    on 3-D input is), in place in y: no node saves y, so this drops two full-size temporaries with the same two
+    roundings. In place on a view would make autograd copy the whole gradient in backward (CopySlices)."""
+    if y._base is None:
+        return y.mul_(gate[:, None]).add_(x)
+    return x + gate[:, None] * y
 
 
 # -----------------------------------------------------------------------------
@@ -183,41 +255,67 @@ class Attention(nn.Module):
 
     def qkv(self, x, to_q, to_k, to_v, norm_q, norm_k):
         q, k, v = (f(x).unflatten(-1, (self.heads, -1)) for f in (to_q, to_k, to_v))  # (B, S, heads, hd)
-        return norm_q(q), norm_k(k), v
+        return rms_norm(q, norm_q), rms_norm(k, norm_k), v
 
-    def forward(self, x, rope, c=None):
+    def core(self, x, rope, c=None):
+        """Projections, q/k norms, RoPE and SDPA over [c; x] (text first): [B, L + N, D], before any output
+        projection."""
         q, k, v = self.qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
         if c is not None:  # joint attention, text first
             qc, kc, vc = self.qkv(c, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k)
             q, k, v = torch.cat([qc, q], dim=1), torch.cat([kc, k], dim=1), torch.cat([vc, v], dim=1)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v).to(q.dtype)
+        return attention(q, k, v).to(q.dtype)
+
+    def forward(self, x, rope, c=None):
+        out = self.core(x, rope, c)
         if c is None:
             return out  # single blocks have no output projection here (it is fused into proj_out)
         oc, ox = out.split_with_sizes([c.shape[1], x.shape[1]], dim=1)
         return self.to_out[0](ox), self.to_add_out(oc)
 
 
-def run(fn, *args, ckpt: bool):
-    """fn(*args), or the same under activation checkpointing (recomputed in backward; forward values identical)."""
-    return checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args)
+# the fused SDPA kernels (output, logsumexp, ...): kept from the forward pass by the attention checkpoints, so backward
+# recomputes the cheap projections / norms / RoPE around them but not the attention itself
+_SDPA_OPS = [getattr(torch.ops.aten, n).default for n in (
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention") if hasattr(torch.ops.aten, n)]
+
+
+def _save_sdpa_context():
+    return create_selective_checkpoint_contexts(_SDPA_OPS)
+
+
+def run(fn, *args, ckpt: bool, save_sdpa: bool = False):
+    """fn(*args), or the same under activation checkpointing (recomputed in backward; forward values identical).
+    save_sdpa: the attention kernels' outputs are kept instead of recomputed (selective checkpointing)."""
+    if not ckpt:
+        return fn(*args)
+    if save_sdpa:
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=_save_sdpa_context)
+    return checkpoint(fn, *args, use_reentrant=False)
 
 
 def run_tokens(fn, seq_args, args, ckpt: bool, chunk: int):
     """fn(*seq_args, *args) for a token-wise fn. Under checkpointing, each chunk of `chunk` tokens is its own
-    checkpoint, so backward holds one chunk's MLP activations (4-5x the model width) at a time, not the sequence's."""
+    checkpoint, so backward holds one chunk's MLP activations (4-5x the model width) at a time, not the sequence's.
+    The chunks are one torch.split (one gradient concatenation in backward, not a zero-filled full-size gradient
+    per slice)."""
     S = seq_args[0].shape[1]
     if not ckpt or S <= chunk:
         return run(fn, *seq_args, *args, ckpt=ckpt)
-    return torch.cat([run(fn, *(t[:, i:i + chunk] for t in seq_args), *args, ckpt=True) for i in range(0, S, chunk)],
-                     dim=1)
+    parts = zip(*(t.split(chunk, dim=1) for t in seq_args))
+    return torch.cat([run(fn, *ts, *args, ckpt=True) for ts in parts], dim=1)
 
 
 class DoubleBlock(nn.Module):
     """
     Separate weights for the image stream x and the text stream c, one joint attention over [c; x].
-    Two halves (attention, then MLPs) that are checkpointed separately when training with gradient checkpointing, so
-    backward holds the activations of one half at a time: the same values as one checkpoint per block, a lower peak.
+    Under gradient checkpointing, two segments: (modulation, q/k/v, RoPE, SDPA) and, per stream, (output projection,
+    gated residual, MLP), the second one token-wise and recomputed per chunk of tokens. The boundary between them is
+    the SDPA output, which is what the attention kernel's backward needs anyway: the attention segment saves it
+    (selective checkpointing) instead of recomputing the attention, at no extra memory. Backward holds one segment's
+    activations at a time; the forward values are those of one checkpoint per block.
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int):
@@ -228,27 +326,31 @@ class DoubleBlock(nn.Module):
         self.ff = FeedForward(dim, 4 * dim)
         self.ff_context = FeedForward(dim, 4 * dim)
 
-    def attention_half(self, x, c, rope, m, mc):
-        ax, ac = self.attn(modulate(x, m[0], m[1]), rope, modulate(c, mc[0], mc[1]))
-        return x + m[2][:, None] * ax, c + mc[2][:, None] * ac
+    def attention_segment(self, x, c, rope, m, mc):
+        return self.attn.core(modulate(x, m[0], m[1]), rope, modulate(c, mc[0], mc[1]))
 
-    def mlp_x(self, x, shift, scale, gate):
-        return x + gate[:, None] * self.ff(modulate(x, shift, scale))
+    def out_mlp_x(self, x, ox, gate_msa, shift, scale, gate):
+        x = gated_residual(x, self.attn.to_out[0](ox), gate_msa)
+        return gated_residual(x, self.ff(modulate(x, shift, scale)), gate)
 
-    def mlp_c(self, c, shift, scale, gate):
-        c = c + gate[:, None] * self.ff_context(modulate(c, shift, scale))
+    def out_mlp_c(self, c, oc, gate_msa, shift, scale, gate):
+        c = gated_residual(c, self.attn.to_add_out(oc), gate_msa)
+        c = gated_residual(c, self.ff_context(modulate(c, shift, scale)), gate)
         return c.clip(-65504, 65504) if c.dtype == torch.float16 else c
 
     def forward(self, x, c, temb, rope, ckpt: bool = False, chunk: int = 1024):
         # m = (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) for x, mc the same for c
         m, mc = self.norm1(temb), self.norm1_context(temb)
-        x, c = run(self.attention_half, x, c, rope, m, mc, ckpt=ckpt)
-        return run_tokens(self.mlp_x, [x], m[3:], ckpt, chunk), run_tokens(self.mlp_c, [c], mc[3:], ckpt, chunk)
+        out = run(self.attention_segment, x, c, rope, m, mc, ckpt=ckpt, save_sdpa=True)
+        oc, ox = out.split_with_sizes([c.shape[1], x.shape[1]], dim=1)
+        return (run_tokens(self.out_mlp_x, [x, ox], m[2:], ckpt, chunk),
+                run_tokens(self.out_mlp_c, [c, oc], mc[2:], ckpt, chunk))
 
 
 class SingleBlock(nn.Module):
     """One weight set over h = [c; x]: parallel attention and MLP, fused output projection. Checkpointed in two
-    segments like DoubleBlock (the MLP segment recomputes the cheap modulation instead of saving it)."""
+    segments like DoubleBlock: (modulation, q/k/v, RoPE, SDPA; the SDPA output saved, not recomputed) and the
+    token-wise (modulation, MLP, output projection), recomputed per chunk of tokens."""
 
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
@@ -262,15 +364,19 @@ class SingleBlock(nn.Module):
 
     def mlp_segment(self, h, a, shift, scale, gate):
         mlp = F.gelu(self.proj_mlp(modulate(h, shift, scale)), approximate="tanh")
-        h = h + gate[:, None] * self.proj_out(torch.cat([a, mlp], dim=2))
+        h = gated_residual(h, self.proj_out(torch.cat([a, mlp], dim=2)), gate)
         return h.clip(-65504, 65504) if h.dtype == torch.float16 else h
+
+    def joint(self, h, temb, rope, ckpt: bool = False, chunk: int = 1024):
+        """The block on the joint sequence h = [c; x]: consecutive single blocks pass h on, without a split and a
+        concatenation (and their backward: two zero-filled full-size gradients) between every two blocks."""
+        shift, scale, gate = self.norm(temb)
+        a = run(self.attention_segment, h, rope, shift, scale, ckpt=ckpt, save_sdpa=True)
+        return run_tokens(self.mlp_segment, [h, a], (shift, scale, gate), ckpt, chunk)
 
     def forward(self, x, c, temb, rope, ckpt: bool = False, chunk: int = 1024):
         L = c.shape[1]
-        h = torch.cat([c, x], dim=1)
-        shift, scale, gate = self.norm(temb)
-        a = run(self.attention_segment, h, rope, shift, scale, ckpt=ckpt)
-        h = run_tokens(self.mlp_segment, [h, a], (shift, scale, gate), ckpt, chunk)
+        h = self.joint(torch.cat([c, x], dim=1), temb, rope, ckpt, chunk)
         return h[:, L:], h[:, :L]
 
 
@@ -316,7 +422,13 @@ class LongCatImageDiT(nn.Module):
         c = self.context_embedder(context)
         rope = rope_tables(torch.cat([txt_ids, img_ids], dim=0), self.cfg.axes_dims_rope, self.cfg.rope_theta)
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
-        for block in [*self.transformer_blocks, *self.single_transformer_blocks]:
-            x, c = block(x, c, temb, rope, ckpt=ckpt, chunk=self.checkpoint_chunk_tokens)
+        chunk = self.checkpoint_chunk_tokens
+        for block in self.transformer_blocks:
+            x, c = block(x, c, temb, rope, ckpt=ckpt, chunk=chunk)
+        if len(self.single_transformer_blocks):
+            h = torch.cat([c, x], dim=1)  # once for all single blocks, which run on the joint sequence
+            for block in self.single_transformer_blocks:
+                h = block.joint(h, temb, rope, ckpt=ckpt, chunk=chunk)
+            x = h.split_with_sizes([c.shape[1], x.shape[1]], dim=1)[1]
         scale, shift = self.norm_out(temb)  # (scale, shift): the reverse of the block AdaLNs
         return self.proj_out(modulate(x, shift, scale))

@@ -98,11 +98,23 @@ class LoRALinear(nn.Module):
     bias = property(lambda self: self.base_layer.bias)
 
     def forward(self, x):
-        y = self.base_layer(x)
         if self.merged or self.disabled:
-            return y
-        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
-        return y + (F.linear(F.linear(self.dropout(x), a), b) * self.scaling).to(y.dtype)
+            return self.base_layer(x)
+        base = self.base_layer
+        if (type(base) is nn.Linear and isinstance(self.dropout, nn.Identity) and x.dtype == base.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type) and not base._forward_hooks
+                and not base._forward_pre_hooks):  # the common case: one fused function, see _LoRALinearFn
+            return _LoRALinearFn.apply(x, base.weight, base.bias, self.lora_A.weight.to(x.dtype),
+                                       self.lora_B.weight.to(x.dtype), self.scaling)
+        # dropout, or a quantized / hooked / custom base (only its output is used, never written to): the LoRA
+        # branch on 2-D tokens (a linear's 3-D output is a view, costly to write in place), summed into its product
+        h = F.linear(self.dropout(x).reshape(-1, x.shape[-1]), self.lora_A.weight.to(x.dtype))  # [N, r], x's dtype
+        p = F.linear(h, self.lora_B.weight.to(h.dtype))  # or autocast's
+        if self.scaling != 1:
+            p.mul_(self.scaling)
+        y = base(x)
+        y2 = y.reshape(-1, y.shape[-1])
+        return (p.add_(y2) if p.dtype == y.dtype else y2 + p.to(y.dtype)).view(y.shape)  # y + scaling * h B^T
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in fp32, [out, in]."""
@@ -129,6 +141,51 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self):
         return f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}" + (", rslora" if self.use_rslora else "")
+
+
+class _LoRALinearFn(torch.autograd.Function):
+    """y = x W^T + b + s (x A^T) B^T for a plain nn.Linear base, x [N, in]: the same maths as base(x) + the LoRA
+    branch, with fewer [N, out] / [N, in] temporaries. Forward: one output, the LoRA product accumulated into it by
+    the GEMM (addmm_), no separate product, scaled copy or sum. Backward: dX = dY W + (s dY B) A accumulated in place,
+    dA = (s dY B)^T x, dB = s dY^T h; dW / db only if the base weights require grad (they are frozen in LoRA)."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, a, b, s):
+        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+        h = x2.mm(a.t())  # [N, r]
+        y = x2.new_empty(*x.shape[:-1], w.shape[0])  # returned as is (not a view), so later in-place ops are cheap
+        y2 = y.view(-1, w.shape[0])
+        torch.mm(x2, w.t(), out=y2) if bias is None else torch.addmm(bias, x2, w.t(), out=y2)
+        y2.addmm_(h, b.t(), alpha=s)
+        ctx.save_for_backward(x2, h, w, a, b)
+        ctx.s, ctx.x_shape = s, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, h, w, a, b = ctx.saved_tensors
+        s, need = ctx.s, ctx.needs_input_grad
+        gy = gy.reshape(-1, gy.shape[-1])
+        gx = gw = gbias = ga = gb = None
+        gh = gy.mm(b)  # dL/dh / s  [N, r]
+        if s != 1:
+            gh.mul_(s)
+        if need[0]:
+            gx = gy.new_empty(ctx.x_shape)
+            gx2 = gx.view(-1, w.shape[1])
+            torch.mm(gy, w, out=gx2)
+            gx2.addmm_(gh, a)
+        if need[1]:
+            gw = gy.t().mm(x2)
+        if need[2]:
+            gbias = gy.sum(0)
+        if need[3]:
+            ga = gh.t().mm(x2)
+        if need[4]:
+            gb = gy.t().mm(h)
+            if s != 1:
+                gb.mul_(s)
+        return gx, gw, gbias, ga, gb, None
 
 
 # -----------------------------------------------------------------------------
@@ -238,7 +295,8 @@ def lora_metadata(model: nn.Module, prefix: str = "transformer") -> dict:
 
 
 def save_lora(path, model: nn.Module, format: str = "diffusers", dtype=None) -> Path:
-    """Write the adapters as "diffusers" (a file), "comfyui" (a file) or "peft" (a folder); returns the weights file."""
+    """Write the adapters as "diffusers" (a file), "comfyui" (a file), "peft" (a folder) or "longcat_video" (a file
+    in the official LongCat-Video layout); returns the weights file."""
     path = Path(path)
     cast = lambda sd: {k: v.to("cpu", dtype or v.dtype).contiguous() for k, v in sd.items()}  # noqa: E731
     if format == "peft":
@@ -255,8 +313,10 @@ def save_lora(path, model: nn.Module, format: str = "diffusers", dtype=None) -> 
         for n, m in lora_modules(model).items():  # ComfyUI scales by alpha / rank, so rsLoRA stores scaling * rank
             sd[f"transformer.{n}.alpha"] = torch.tensor(m.scaling * m.rank, dtype=torch.float32)
         data = safetensors_bytes(sd, {"format": "pt"})
+    elif format == "longcat_video":  # the official LongCat-Video pipeline's LoRA files
+        data = safetensors_bytes(cast(longcat_video_lora_state_dict(model)), {"format": "pt"})
     else:
-        raise ValueError(f"unknown LoRA format {format!r}: use 'diffusers', 'comfyui' or 'peft'")
+        raise ValueError(f"unknown LoRA format {format!r}: use 'diffusers', 'comfyui', 'peft' or 'longcat_video'")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, data)
     return path
@@ -320,6 +380,34 @@ def convert_longcat_video_lora(sd: dict) -> dict:
         out[f"{mod}.lora_B.weight"] = torch.block_diag(*ups)
         out[f"{mod}.alpha"] = torch.tensor(float(p.get("alpha_scale", torch.tensor(1.0))) * down.shape[0])
     return out
+
+
+def _fused_parts(name: str) -> int:
+    """How many output slices the official layout gives a fused layer (longcat_video.md §6.5), else 1."""
+    if name.endswith("final_layer.adaLN_modulation.1"):
+        return 2
+    if name.endswith("adaLN_modulation.1"):
+        return 6
+    return 3 if name.endswith("attn.qkv") else 2 if name.endswith("kv_linear") else 1
+
+
+def longcat_video_lora_state_dict(model: nn.Module) -> dict:
+    """Our adapters in the official LongCat-Video layout, the exact same update: a fused layer of n slices gets
+    down = [A; A; ...] (n copies, [n*r, in]) and up_i = the i-th row block of B ([out/n, r]), alpha_scale = our
+    scaling, so up_i @ down_i @ x * alpha_scale = (B A x * scaling)[slice i]."""
+    sd = {}
+    for name, m in lora_modules(model).items():
+        a, b, n = m.lora_A.weight.detach(), m.lora_B.weight.detach(), _fused_parts(name)
+        if b.shape[0] % n:
+            raise ValueError(f"{name}: {b.shape[0]} outputs do not split into the official {n} slices")
+        key = _LC_PREFIX + name.replace(".", _LC_DOT)
+        sd[f"{key}.lora_down.weight"] = torch.cat([a] * n)
+        if n == 1:
+            sd[f"{key}.lora_up.weight"] = b
+        for i, up in enumerate(b.chunk(n) if n > 1 else []):
+            sd[f"{key}.lora_up.blocks.{i}.weight"] = up
+        sd[f"{key}.alpha_scale"] = torch.tensor(float(m.scaling))
+    return sd
 
 
 def _unprefixed_config(config):

@@ -153,6 +153,41 @@ def test_lora_path_runs_in_the_input_dtype():
     assert y.dtype == torch.bfloat16
 
 
+class _CustomLinear(nn.Module):  # a linear-like base that is not an nn.Linear (the quantized-base code path)
+    def __init__(self, lin):
+        super().__init__()
+        self.lin, self.in_features, self.out_features = lin, lin.in_features, lin.out_features
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("base_kind", ["linear", "linear_no_bias", "custom", "hooked"])
+@pytest.mark.parametrize("shape", [(2, 5, 12), (7, 12), (12,)])
+def test_lora_forward_and_gradients_match_the_plain_maths(base_kind, shape):
+    """The fused nn.Linear path (_LoRALinearFn) and the generic path give PEFT's values and gradients: x, A, B, and
+    the base weights when they are trained too."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 9, bias=base_kind != "linear_no_bias").double()
+    lin = LoRALinear(_CustomLinear(base) if base_kind == "custom" else base, rank=3, alpha=5, dtype=torch.float64)
+    if base_kind == "hooked":
+        base.register_forward_pre_hook(lambda m, args: None)
+    base.requires_grad_(True)
+    with torch.no_grad():
+        lin.lora_B.weight.normal_()
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(*shape[:-1], 9, dtype=torch.float64)
+    params = [x, lin.lora_A.weight, lin.lora_B.weight, *base.parameters()]
+    want = F.linear(x, base.weight, base.bias) + (5 / 3) * (x @ lin.lora_A.weight.T) @ lin.lora_B.weight.T
+    want_grads = torch.autograd.grad(want, params, g)
+    got = lin(x)
+    assert got.shape == want.shape and maxdiff(got, want) < 1e-12
+    for p, a, b in zip(params, torch.autograd.grad(got, params, g, retain_graph=True), want_grads):
+        assert maxdiff(a, b) < 1e-12, p.shape
+    got.mul_(2)  # the output is a plain (non-view) tensor that later in-place ops may write
+    got.sum().backward()
+
+
 # -----------------------------------------------------------------------------
 # applying to the LongCat DiT
 
