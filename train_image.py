@@ -73,13 +73,6 @@ def training_loss(dit, x0, noise, sigma, embeds, img_ids, txt_ids, ref=None):
     return F.mse_loss(pred.float(), velocity_target(x0, noise).float())
 
 
-@dataclass
-class CaptionEntry:
-    """What the text cache keys on: the caption text (and, for Edit, the reference it is encoded with)."""
-    caption: str
-    conditioning: Optional[object] = None
-
-
 def validation(cfg, m, index, step: int, is_edit: bool):
     """Render the validation prompts (Edit: references from eval_dataset_id or the training data) to
     output_dir/validation/step-<N>/ as PNGs plus one grid.png."""
@@ -117,7 +110,7 @@ def main(argv):
     cfg = load_config(TrainImageConfig, argv, aliases=ALIASES)
     check_config(cfg)
     from data.buckets import apply_geometry
-    from data.cache import (LatentCache, TextCache, edit_compute_fn, files_fingerprint, model_identity,
+    from data.cache import (CaptionEntry, LatentCache, TextCache, edit_compute_fn, files_fingerprint, model_identity,
                             t2i_compute_fn, vae_compute_fn)
     from data.datasets import GLOBAL_DEFAULT_KEYS, load_datasets
     from data.discovery import discover
@@ -248,7 +241,7 @@ def main(argv):
         lr = trainer.begin_step(step)
         for micro in range(cfg.gradient_accumulation_steps):
             x0, noise, sigma, embeds, img_ids, txt_ids, ref = make_batch(next(batches))
-            with trainer.sync(micro), autocast:
+            with trainer.sync(final=micro == cfg.gradient_accumulation_steps - 1), autocast:
                 loss = training_loss(trainer.model, x0, noise, sigma, embeds, img_ids, txt_ids, ref)
             trainer.backward(loss)
         step, _ = trainer.end_step(step, lr)

@@ -9,7 +9,7 @@ the loss averaged over ranks, metrics.jsonl), atomic checkpoints and the export 
     while step < max_steps:
         lr = trainer.begin_step(step)
         for micro in range(cfg.gradient_accumulation_steps):
-            with trainer.sync(micro), autocast:
+            with trainer.sync(micro == cfg.gradient_accumulation_steps - 1), autocast:
                 loss = my_loss(trainer.model, ...)        # trainer.model: the DDP wrapper under torchrun
             trainer.backward(loss)
         step, loss = trainer.end_step(step, lr)           # clip, step, EMA, mean over ranks, metrics, checkpoint
@@ -281,10 +281,9 @@ class Trainer:
         set_lr(self.optimizer, lr)
         return lr
 
-    def sync(self, micro: int):
-        """DDP gradient sync only on the last micro-batch of an accumulation."""
-        last = micro == self.cfg.gradient_accumulation_steps - 1
-        return nullcontext() if last or self.dist.world_size == 1 else self.model.no_sync()
+    def sync(self, final: bool):
+        """Context for a forward + backward: DDP all-reduces the gradients only on the step's `final` backward."""
+        return nullcontext() if final or self.dist.world_size == 1 else self.model.no_sync()
 
     def backward(self, loss: torch.Tensor):
         (loss / self.cfg.gradient_accumulation_steps).backward()

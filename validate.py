@@ -152,9 +152,7 @@ def main_video(cfg: ValidateConfig, argv):
     from PIL import Image, ImageOps
 
     from config import parse_argv, read_json_config
-    from data.video_io import write_frames_png, write_mp4
     from model.loading import load_longcat_video
-    from model.pipeline_video import generate_video
     raw = parse_argv(list(argv))
     named = [str(v) for v in (read_json_config(raw["config"]) if "config" in raw else {}).values()] + list(map(str, raw.values()))
     if any("qwen" in v.lower() for v in named):
@@ -172,22 +170,39 @@ def main_video(cfg: ValidateConfig, argv):
     if cfg.lora:
         from model.lora import load_lora
         print(f"LoRA {cfg.lora}: {len(load_lora(cfg.lora, m.dit))} modules adapted")
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    for size in parse_resolutions(cfg.validation_resolution):
-        w, h = size or (832, 480)
-        for i in range(cfg.num_validation_images):
-            generator = torch.Generator("cpu").manual_seed(cfg.validation_seed + i)
-            video = generate_video(m, cfg.validation_prompt, width=w, height=h,
-                                   num_frames=cfg.validation_num_video_frames,
-                                   num_inference_steps=cfg.validation_num_inference_steps, guidance=cfg.validation_guidance,
-                                   negative_prompt=cfg.validation_negative_prompt, generator=generator, image=image)
-            stem = os.path.join(cfg.output_dir, f"{'i2v' if image else 't2v'}-{w}x{h}-{video.shape[2]}f-seed"
-                                                f"{cfg.validation_seed + i}")
-            write_mp4(stem + ".mp4", video[0], fps=cfg.framerate or 15)
-            print(f"wrote {stem}.mp4")
-            if cfg.save_frames:
-                write_frames_png(stem, video[0])
-                print(f"wrote {stem}/ ({video.shape[2]} PNG frames)")
+    for path in render_videos(m, [(cfg.validation_prompt, image)], cfg.output_dir,
+                              parse_resolutions(cfg.validation_resolution), num_frames=cfg.validation_num_video_frames,
+                              steps=cfg.validation_num_inference_steps, guidance=cfg.validation_guidance,
+                              negative_prompt=cfg.validation_negative_prompt, seed=cfg.validation_seed,
+                              num_videos=cfg.num_validation_images, fps=cfg.framerate or 15,
+                              save_frames=cfg.save_frames):
+        print(f"wrote {path}")
+
+
+def render_videos(m, jobs, out_dir, sizes, *, num_frames, steps, guidance, seed, negative_prompt="", num_videos=1,
+                  fps=15, save_frames=False, progress=True) -> list:
+    """jobs: [(prompt, start frame PIL image or None)]. LongCat-Video T2V (I2V with a start frame) of every job at
+    every (W, H) in `sizes` (None: 832x480), video i seeded with seed + i; one MP4 each (and its frames as PNGs with
+    save_frames). Returns the MP4 paths."""
+    from data.video_io import write_frames_png, write_mp4
+    from model.pipeline_video import generate_video
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for j, (prompt, image) in enumerate(jobs):
+        for size in sizes:
+            w, h = size or (832, 480)
+            for i in range(num_videos):
+                generator = torch.Generator("cpu").manual_seed(seed + i)
+                video = generate_video(m, prompt, width=w, height=h, num_frames=num_frames,
+                                       num_inference_steps=steps, guidance=guidance, negative_prompt=negative_prompt,
+                                       generator=generator, image=image, progress=progress)
+                tag = "i2v" if image is not None else "t2v"
+                stem = os.path.join(out_dir, f"{tag}-{j}-{w}x{h}-{video.shape[2]}f-seed{seed + i}")
+                write_mp4(stem + ".mp4", video[0], fps=fps)
+                paths.append(stem + ".mp4")
+                if save_frames:
+                    write_frames_png(stem, video[0])
+    return paths
 
 
 def render(m, jobs, out_dir, opts, sizes, *, seed, negative_prompt="", num_images=1, rewrite=False,

@@ -152,3 +152,9 @@ def interpolate(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> t
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """What the LongCat-Image network is trained to output: eps - x0."""
     return noise - x0
+
+
+def video_velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """What the LongCat-Video network is trained to output: x0 - eps, the opposite sign of LongCat-Image's (its
+    sampler steps with -v; longcat_video.md §6.1, §8). SimpleTuner 4.10.1 trains noise - x0 here: a sign flip."""
+    return x0 - noise
