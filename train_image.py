@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from config import ConfigError, load_config
-from trainer import ALIASES, TrainConfig, Trainer, caption_variants, check_common, compute_dtypes
+from trainer import ALIASES, TrainConfig, Trainer, caption_variants, check_common, compute_dtypes, run_cli
 
 # -----------------------------------------------------------------------------
 # config: the shared SimpleTuner options (trainer.TrainConfig) plus LongCat-Image's own
@@ -258,17 +258,7 @@ def main(argv):
 
 
 def cli(argv) -> int:
-    """main() with bad input turned into a one-line reason on stderr and exit status 2."""
-    from checkpoint import CorruptCheckpoint
-    from data.cache import CacheError
-    from data.discovery import DataError
-    from model.loading import WeightsError
-    try:
-        main(argv)
-    except (ConfigError, DataError, WeightsError, CorruptCheckpoint, CacheError, ValueError, OSError) as e:
-        print(f"train_image.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, argv, "train_image.py")
 
 
 if __name__ == "__main__":

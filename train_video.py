@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from config import ConfigError, load_config
-from trainer import ALIASES, TrainConfig, Trainer, caption_variants, check_common, compute_dtypes
+from trainer import ALIASES, TrainConfig, Trainer, caption_variants, check_common, compute_dtypes, run_cli
 
 TASKS = ("t2v", "i2v", "continuation")
 
@@ -297,17 +297,7 @@ def main(argv):
 
 
 def cli(argv) -> int:
-    """main() with bad input turned into a one-line reason on stderr and exit status 2."""
-    from checkpoint import CorruptCheckpoint
-    from data.cache import CacheError
-    from data.discovery import DataError
-    from model.loading import WeightsError
-    try:
-        main(argv)
-    except (ConfigError, DataError, WeightsError, CorruptCheckpoint, CacheError, ValueError, OSError) as e:
-        print(f"train_video.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, argv, "train_video.py")
 
 
 if __name__ == "__main__":

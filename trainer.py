@@ -18,6 +18,7 @@ the loss averaged over ranks, metrics.jsonl), atomic checkpoints and the export 
 The training scripts keep what differs (data, caches, the objective, validation) and read as the story of a run.
 """
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -181,6 +182,20 @@ def check_common(cfg: TrainConfig, script: str):
     if cfg.max_train_steps <= 0 and cfg.num_train_epochs <= 0:
         raise ConfigError("set max_train_steps or num_train_epochs to a positive number")
     check_optimizer_options(cfg.optimizer, cfg.lr_scheduler)
+
+
+def run_cli(main, argv, script: str) -> int:
+    """main(argv) with bad input turned into a one-line reason on stderr and exit status 2 (no traceback)."""
+    from checkpoint import CorruptCheckpoint
+    from data.cache import CacheError
+    from data.discovery import DataError
+    from model.loading import WeightsError
+    try:
+        main(argv)
+    except (ConfigError, DataError, WeightsError, CorruptCheckpoint, CacheError, ValueError, OSError) as e:
+        print(f"{script}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def caption_variants(sample) -> list:

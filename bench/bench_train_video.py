@@ -28,12 +28,11 @@ import gc
 import os
 import subprocess
 import sys
-import threading
 import time
 
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # big frees must return memory for a per-variant RSS peak
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+from peak_rss import PeakRSS, release_frees_to_os, rss_bytes  # noqa: E402  (bench/ is this script's folder)
+
+release_frees_to_os()  # before torch is imported: big frees must return memory for a per-variant RSS peak
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import torch  # noqa: E402
@@ -59,28 +58,6 @@ VARIANTS = {
     "T2V LoRA, checkpointing": (0, True, False),
     "T2V LoRA, checkpointing, BSA 0.75": (0, True, True),
 }
-
-
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    def __enter__(self):
-        self.peak, self.stop = rss_bytes(), False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        return self
-
-    def _run(self):
-        while not self.stop:
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self.stop = True
-        self.thread.join()
 
 
 def base_weights(cfg):
