@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from config import ConfigError, load_config
-from trainer import ALIASES, TrainConfig, Trainer, caption_variants, check_common, compute_dtypes, run_cli
+from trainer import ALIASES, TrainConfig, Trainer, caption_variants, check_common, compute_dtypes, quantize_text_encoder, run_cli
 
 # -----------------------------------------------------------------------------
 # config: the shared SimpleTuner options (trainer.TrainConfig) plus LongCat-Image's own
@@ -167,12 +167,13 @@ def main(argv):
         img = apply_geometry(load_image(ref.path), ref.geometry)
         return img.resize((img.width // 2, img.height // 2), resample=3)  # BICUBIC
 
+    text_quant = quantize_text_encoder(cfg, m.text_encoder, log=print0)
     weights_id = files_fingerprint(m.path / "vae")
     latent_cache = {ds: LatentCache(spec.cache_dir_vae or os.path.join(cfg.output_dir, "cache", "vae"),
                                     model_identity({**asdict(vae.config), "dtype": str(weight_dtype)}, weights_id))
                     for ds, spec in index.specs.items()}
     text_cache = TextCache(os.path.join(cfg.output_dir, "cache", "text"),
-                           model_identity({"flavour": cfg.model_flavour, "dtype": str(weight_dtype)},
+                           model_identity({"flavour": cfg.model_flavour, "dtype": str(weight_dtype), **text_quant},
                                           *(files_fingerprint(m.path / d) for d in ("text_encoder", "tokenizer",
                                                                                     "text_processor"))),
                            kind="edit" if is_edit else "t2i")

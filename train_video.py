@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from config import ConfigError, load_config
-from trainer import ALIASES, TrainConfig, Trainer, caption_variants, check_common, compute_dtypes, run_cli
+from trainer import ALIASES, TrainConfig, Trainer, caption_variants, check_common, compute_dtypes, quantize_text_encoder, run_cli
 
 TASKS = ("t2v", "i2v", "continuation")
 
@@ -201,12 +201,13 @@ def main(argv):
         print0(f"block-sparse self-attention on: {dit.bsa}")
 
     # ---- caches: video posteriors (clips and start frames) and umT5 embeddings, once, split across ranks ------------
+    text_quant = quantize_text_encoder(cfg, m.text_encoder, log=print0)
     weights_id = files_fingerprint(m.path / "vae")
     latent_cache = {ds: LatentCache(spec.cache_dir_vae or os.path.join(cfg.output_dir, "cache", "vae"),
                                     model_identity({**vae.config.to_dict(), "dtype": str(weight_dtype)}, weights_id))
                     for ds, spec in index.specs.items()}
     text_cache = TextCache(os.path.join(cfg.output_dir, "cache", "text"),
-                           model_identity({"dtype": str(weight_dtype)},
+                           model_identity({"dtype": str(weight_dtype), **text_quant},
                                           *(files_fingerprint(m.path / d) for d in ("text_encoder", "tokenizer"))),
                            kind="umt5")
     samples = index.all_samples()

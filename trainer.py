@@ -39,6 +39,7 @@ class TrainConfig:
     model_flavour: str = "final"
     pretrained_model_name_or_path: Optional[str] = None
     base_model_precision: str = "no_change"  # no_change | bf16 | fp32 | int8-*/fp8-* (ours) | int8-bnb | nf4-bnb
+    text_encoder_1_precision: str = "no_change"  # the same values, for the text encoder that fills the prompt cache
     data_backend_config: str = "config/multidatabackend.json"
     output_dir: str = "output"
     seed: int = 42
@@ -144,6 +145,7 @@ def check_common(cfg: TrainConfig, script: str):
             raise ConfigError(f"{key} {getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
     try:
         quantized = check_precision(cfg.base_model_precision) is not None
+        check_precision(cfg.text_encoder_1_precision, "text_encoder_1_precision")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if quantized and cfg.model_type != "lora":
@@ -182,6 +184,17 @@ def check_common(cfg: TrainConfig, script: str):
     if cfg.max_train_steps <= 0 and cfg.num_train_epochs <= 0:
         raise ConfigError("set max_train_steps or num_train_epochs to a positive number")
     check_optimizer_options(cfg.optimizer, cfg.lr_scheduler)
+
+
+def quantize_text_encoder(cfg: TrainConfig, text_encoder, log: Callable = print) -> dict:
+    """text_encoder_1_precision: quantize the text encoder's linears in place before it fills the prompt cache (a 7B
+    Qwen2.5-VL or 5.7B umT5 in 8 bits). Returns what the prompt cache must key on ({} when nothing changed)."""
+    from quant.convert import TEXT_ENCODER_SKIP, quantize_model
+    swapped = quantize_model(text_encoder, cfg.text_encoder_1_precision, skip=TEXT_ENCODER_SKIP)
+    if not swapped:
+        return {}
+    log(f"text_encoder_1_precision={cfg.text_encoder_1_precision}: {len(swapped)} text-encoder linear layers quantized")
+    return {"text_encoder_precision": cfg.text_encoder_1_precision}
 
 
 def run_cli(main, argv, script: str) -> int:

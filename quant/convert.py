@@ -37,13 +37,19 @@ PRECISIONS = {
 DEFAULT_SKIP = ("norm1.linear", "norm1_context.linear", "norm.linear", "norm_out.linear", "adaLN_modulation",
                 "time_embed", "t_embedder", "x_embedder", "context_embedder", "^proj_out", "final_layer")
 
+# Text encoders (Qwen2.5-VL, umT5) with text_encoder_1_precision: every Linear of the language model is quantized; the
+# LM head (prompt rewrite only), Qwen's vision tower (it sees the Edit reference; small) and T5's FFN output `wo` (a
+# precision island: transformers keeps it in fp32 and reads its weight dtype) stay as loaded.
+TEXT_ENCODER_SKIP = ("lm_head", "visual", "DenseReluDense.wo")
+
 META_KEY = "quantization"  # safetensors header: JSON {"precision": ..., "layers": {name: {"fmt", "group_size"}}}
 
 
-def check_precision(value: str):
-    """The weight format for a base_model_precision value (None = no quantization); ValueError for anything else."""
+def check_precision(value: str, key: str = "base_model_precision"):
+    """The weight format for a base_model_precision (or text_encoder_1_precision) value (None = no quantization);
+    ValueError naming `key` for anything else."""
     if value not in PRECISIONS:
-        raise ValueError(f"base_model_precision {value!r} is not supported; accepted values: {', '.join(PRECISIONS)}")
+        raise ValueError(f"{key} {value!r} is not supported; accepted values: {', '.join(PRECISIONS)}")
     return PRECISIONS[value]
 
 

@@ -213,6 +213,7 @@ def test_lora_export_loads_in_diffusers_and_validate(world, tmp_path):
     (dict(learning_rat=1e-4), "did you mean 'learning_rate'"),
     (dict(model_flavour="edit"), "conditioning_data"),
     (dict(optimizer="lion"), "optimizer 'lion'"),
+    (dict(text_encoder_1_precision="int4"), "text_encoder_1_precision 'int4' is not supported"),
 ])
 def test_bad_config_fails_at_start(world, tmp_path, capsys, override, message):
     assert train_image.cli(args(world, tmp_path / "bad", **override)) == 2
@@ -294,3 +295,16 @@ def test_int8_base_trains_close_to_the_full_precision_base(world, tmp_path, caps
     rel = max(abs(x - y) / x for x, y in zip(a, b))
     print(f"int8 vs full-precision base: max relative loss difference {rel:.2e}")
     assert 0 < rel < 0.05  # different (the base really is int8), and close
+
+
+def test_int8_text_encoder_fills_its_own_prompt_cache(world, tmp_path, capsys):
+    """text_encoder_1_precision int8: the Qwen linears are quantized before the prompt cache is built, the cache keys
+    on it (no fp32 embedding is reused), and training on those embeddings stays close to the full-precision run."""
+    full, q = tmp_path / "full", tmp_path / "int8"
+    train_image.main(args(world, full, max_train_steps=4))
+    train_image.main(args(world, q, max_train_steps=4, text_encoder_1_precision="int8-quanto"))
+    assert "text-encoder linear layers quantized" in capsys.readouterr().out
+    names = lambda out: {p.name for p in (out / "cache" / "text").glob("*.safetensors")}  # noqa: E731
+    assert names(full) and not names(full) & names(q)
+    a, b = losses(full), losses(q)
+    assert max(abs(x - y) / x for x, y in zip(a, b)) < 0.05

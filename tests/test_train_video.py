@@ -297,3 +297,12 @@ def test_lora_trains_through_block_sparse_attention(world, tmp_path, capsys):
     sparse, dense = losses(tmp_path / "bsa"), losses(tmp_path / "dense")
     print("BSA:", sparse, "\ndense:", dense)
     assert max(abs(x - y) / y for x, y in zip(sparse, dense)) < 0.05  # the loss tracks the dense run's
+
+
+def test_int8_umt5_text_encoder(world, tmp_path, capsys):
+    """text_encoder_1_precision on umT5: the linears are quantized (T5's fp32 `wo` island kept) before the prompt
+    cache is filled, in a cache of its own."""
+    out = tmp_path / "q"
+    assert train_video.cli(args(world, out, max_train_steps=2, text_encoder_1_precision="int8-quanto")) == 0
+    assert "text-encoder linear layers quantized" in capsys.readouterr().out
+    assert len(losses(out)) == 2
