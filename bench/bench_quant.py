@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 
-from peak_rss import PeakRSS, release_frees_to_os, rss_bytes  # noqa: E402  (bench/ is this script's folder)
+from measure import PeakRSS, release_frees_to_os, rss_bytes  # noqa: E402  (bench/ is this script's folder)
 
 release_frees_to_os()  # before torch is imported: big frees must return memory for a per-variant RSS peak
 

@@ -16,13 +16,11 @@ optimizer state, activations, one-time buffers), "one step" over a third step mi
 Prints the ratios ours / reference.
 """
 import argparse
-import gc
 import os
 import subprocess
 import sys
-import time
 
-from peak_rss import PeakRSS, release_frees_to_os, rss_bytes  # noqa: E402  (bench/ is this script's folder)
+from measure import interleaved_times, release_frees_to_os, step_memory  # noqa: E402  (bench/ is this script's folder)
 
 release_frees_to_os()  # before torch is imported: big frees must return memory for a per-variant RSS peak
 
@@ -100,40 +98,6 @@ def reference_step_fn(state_dict, cfg, rank):
     return step, (ref, opt)
 
 
-def measure_time(builders, state_dict, cfg, rank, batch, warmup, steps):
-    """Both variants built side by side, then their steps interleaved (order alternating), so any drift of a noisy
-    machine hits both alike. Returns {name: [seconds per step]} and {name: last loss}."""
-    built = {name: build(state_dict, cfg, rank) for name, build in builders.items()}
-    names = list(built)
-    for _ in range(warmup):
-        for name in names:
-            built[name][0](batch)
-    times, losses = {name: [] for name in names}, {}
-    for i in range(steps):
-        for name in (names if i % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
-            losses[name] = built[name][0](batch)
-            times[name].append(time.perf_counter() - t0)
-    return times, losses
-
-
-def measure_memory(build, state_dict, cfg, rank, batch):
-    """(total, step) peak RSS in a fresh child process: total = over build + 2 steps above the RSS before the build
-    (weights, LoRA, optimizer state, activations, one-time buffers); step = over a third step above the RSS just
-    before it (what one step adds on top of the steady state: activations and their gradients)."""
-    gc.collect()
-    base = rss_bytes()
-    with PeakRSS() as total:
-        step, keep = build(state_dict, cfg, rank)
-        step(batch)
-        step(batch)
-    gc.collect()
-    before = rss_bytes()
-    with PeakRSS() as one:
-        step(batch)
-    return total.peak - base, one.peak - before
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
@@ -158,9 +122,10 @@ def main():
           f"{args.dtype}, threads {torch.get_num_threads()}")
     builders = {"reference (diffusers + PEFT)": reference_step_fn, "ours": ours_step_fn}
     if args.child:  # memory of one variant, alone in this process
-        print("PEAK %d %d" % measure_memory(builders[args.child], state_dict, cfg, args.rank, batch))
+        print("PEAK %d %d" % step_memory(lambda: builders[args.child](state_dict, cfg, args.rank), batch))
         return
-    times, losses = measure_time(builders, state_dict, cfg, args.rank, batch, args.warmup, args.steps)
+    built = {name: build(state_dict, cfg, args.rank) for name, build in builders.items()}
+    times, losses = interleaved_times({n: b[0] for n, b in built.items()}, batch, args.warmup, args.steps)
     for name in builders:
         t = sorted(times[name])
         print(f"{name:28s} step median {t[len(t) // 2] * 1000:8.1f} ms, fastest {t[0] * 1000:8.1f} ms "

@@ -24,13 +24,11 @@ one-time buffers), "one step" over a third step minus the RSS just before it (ac
 of the steady state). MALLOC_MMAP_THRESHOLD_ is set so freed tensors go back to the OS at once.
 """
 import argparse
-import gc
 import os
 import subprocess
 import sys
-import time
 
-from peak_rss import PeakRSS, release_frees_to_os, rss_bytes  # noqa: E402  (bench/ is this script's folder)
+from measure import interleaved_times, release_frees_to_os, step_memory  # noqa: E402  (bench/ is this script's folder)
 
 release_frees_to_os()  # before torch is imported: big frees must return memory for a per-variant RSS peak
 
@@ -104,39 +102,6 @@ def build_step(state_dict, cfg, rank, variant):
     return step, (dit, opt)
 
 
-def measure_time(names, state_dict, cfg, rank, batch, warmup, steps):
-    """All variants built side by side, then their steps interleaved (order alternating), so any drift of a noisy
-    machine hits them alike. Returns {name: [seconds per step]} and {name: last loss}."""
-    built = {name: build_step(state_dict, cfg, rank, name) for name in names}
-    for _ in range(warmup):
-        for name in names:
-            built[name][0](batch)
-    times, losses = {name: [] for name in names}, {}
-    for i in range(steps):
-        for name in (names if i % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
-            losses[name] = built[name][0](batch)
-            times[name].append(time.perf_counter() - t0)
-    return times, losses
-
-
-def measure_memory(variant, state_dict, cfg, rank, batch):
-    """(total, step) peak RSS in a fresh child process: total = over build + 2 steps above the RSS before the build
-    (weights, LoRA, optimizer state, activations, one-time buffers); step = over a third step above the RSS just
-    before it (what one step adds on top of the steady state: activations and their gradients)."""
-    gc.collect()
-    base = rss_bytes()
-    with PeakRSS() as total:
-        step, keep = build_step(state_dict, cfg, rank, variant)
-        step(batch)
-        step(batch)
-    gc.collect()
-    before = rss_bytes()
-    with PeakRSS() as one:
-        step(batch)
-    return total.peak - base, one.peak - before
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
@@ -159,7 +124,7 @@ def main():
     grid = (T, H // cfg.patch_size[1], W // cfg.patch_size[2])
     names = list(VARIANTS)
     if args.child:  # memory of one variant, alone in this process
-        print("PEAK %d %d" % measure_memory(args.child, state_dict, cfg, args.rank, batch))
+        print("PEAK %d %d" % step_memory(lambda: build_step(state_dict, cfg, args.rank, args.child), batch))
         return
     n_params = sum(v.numel() for v in state_dict.values())
     print(f"preset {args.preset}: hidden {cfg.hidden_size}, depth {cfg.depth}, {cfg.num_heads} heads, "
@@ -171,7 +136,8 @@ def main():
     if any(g % c for g, c in zip(grid, BSA["chunk_3d_shape_q"])):
         print(f"note: BSA variant skipped: grid {grid} is not divisible by chunk {tuple(BSA['chunk_3d_shape_q'])}")
         names = names[:-1]
-    times, losses = measure_time(names, state_dict, cfg, args.rank, batch, args.warmup, steps)
+    built = {name: build_step(state_dict, cfg, args.rank, name) for name in names}
+    times, losses = interleaved_times({n: b[0] for n, b in built.items()}, batch, args.warmup, steps)
     for name in names:
         t = sorted(times[name])
         print(f"{name:34s} step median {t[len(t) // 2] * 1000:8.1f} ms, fastest {t[0] * 1000:8.1f} ms "
