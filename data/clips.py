@@ -36,9 +36,7 @@ bad_reference, max_num_samples.
 """
 import dataclasses
 import math
-import os
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -62,6 +60,19 @@ PROBE_KEYS = ("frames", "fps", "width", "height", "duration", "rotation", "frame
 class _Clip(_File):
     info: Optional[dict] = None  # probe_video's dict (PROBE_KEYS); frames exact when frames_source is "demux"
 
+    FIELD, KIND = "info", "video"
+
+    @staticmethod
+    def probe(path: str, verify: bool):
+        return probe_clip(path, verify)
+
+    @staticmethod
+    def action(verify: bool) -> str:
+        return "probing"
+
+    def set(self, info):
+        self.info, self.size = info, ((info["width"], info["height"]) if info else None)
+
 
 def probe_clip(path: str, verify: bool):
     """(probe dict, None) or (None, "unreadable: why"). `verify`: count frames by demuxing every packet, which also
@@ -73,34 +84,6 @@ def probe_clip(path: str, verify: bool):
         return {k: info[k] for k in PROBE_KEYS}, None
     except Exception as e:  # BadVideo, and whatever else a hostile file makes FFmpeg raise
         return None, f"unreadable: {getattr(e, 'reason', None) or f'{type(e).__name__}: {e}'}"
-
-
-def _scan_clips(listed: list, verify: bool, cache: dict, log: Callable = print, name: str = "") -> list:
-    """_Clip records for `listed`, probing (in threads) only what the cache does not already vouch for."""
-    files, todo = [], []
-    for rel, path in listed:
-        f = _Clip(rel, path)
-        files.append(f)
-        try:
-            st = os.stat(path)
-        except OSError as e:  # e.g. a dangling symlink
-            f.error = f"unreadable: {type(e).__name__}: {e}"
-            continue
-        f.fingerprint = f"{st.st_size}-{st.st_mtime_ns}"
-        hit = cache.get(path)
-        if hit and hit.get("fingerprint") == f.fingerprint and "info" in hit and (hit["verified"] or not verify):
-            f.info, f.error = hit["info"], hit["error"]
-        else:
-            todo.append(f)
-    if todo:
-        log(f"data: probing {len(todo)} new or changed video(s) of {name}")
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # FFmpeg runs outside the GIL
-        for f, (info, error) in zip(todo, pool.map(lambda f: probe_clip(f.path, verify), todo)):
-            f.info, f.error = info, error
-            cache[f.path] = {"fingerprint": f.fingerprint, "info": info, "error": error, "verified": verify}
-    for f in files:
-        f.size = (f.info["width"], f.info["height"]) if f.info else None
-    return files
 
 
 def available_frames(info: dict, fps: Optional[float]) -> int:
@@ -148,8 +131,8 @@ def discover_videos(specs: list, *, seed: int = 0, alignment: int = 64, output_d
     if missing:
         raise DataError(f"conditioning_data names start-frame dataset(s) {', '.join(missing)} that are not given")
     skip, cache = skip_dirs(specs, output_dir), load_cache(output_dir)
-    files = {s.id: _scan_clips(list_images(s.instance_data_dir, skip, VIDEO_EXTENSIONS), verify, cache, log,
-                               repr(s.id)) for s in trains}
+    files = {s.id: _scan(list_images(s.instance_data_dir, skip, VIDEO_EXTENSIONS), verify, cache, log,
+                          repr(s.id), record=_Clip) for s in trains}
     conds = {s.conditioning_data[0] for s in trains if s.conditioning_data}
     files.update({c: _scan(list_images(specs[c].instance_data_dir, skip), verify, cache, log, repr(c)) for c in conds})
     save_cache(output_dir, cache, files)

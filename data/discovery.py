@@ -95,6 +95,20 @@ class _File:
     size: Optional[tuple] = None
     error: Optional[str] = None  # "unreadable: ..." when the file cannot be used at all
 
+    # what _scan needs to know about a kind of file: the discovery-cache field, the probe and how to read its result
+    FIELD, KIND = "size", "image"
+
+    @staticmethod
+    def probe(path: str, verify: bool):
+        return _probe(path, verify)
+
+    @staticmethod
+    def action(verify: bool) -> str:
+        return "decoding" if verify else "reading the headers of"
+
+    def set(self, size):
+        self.size = tuple(size) if size else None
+
 
 def list_images(root: str, skip: frozenset = frozenset(), extensions: frozenset = IMAGE_EXTENSIONS) -> list:
     """Sorted [(rel posix path, absolute path)] of the image files (or other `extensions`, lower case with the dot)
@@ -125,11 +139,12 @@ def _probe(path: str, verify: bool):
         return None, str(e)
 
 
-def _scan(listed: list, verify: bool, cache: dict, log: Callable = print, name: str = "") -> list:
-    """_File records for `listed`, decoding (in threads) only what the cache does not already vouch for."""
+def _scan(listed: list, verify: bool, cache: dict, log: Callable = print, name: str = "", record=_File) -> list:
+    """`record` (_File, or data.clips._Clip) records for `listed`, probing (in threads) only what the cache does not
+    already vouch for."""
     files, todo = [], []
     for rel, path in listed:
-        f = _File(rel, path)
+        f = record(rel, path)
         files.append(f)
         try:
             st = os.stat(path)
@@ -138,16 +153,18 @@ def _scan(listed: list, verify: bool, cache: dict, log: Callable = print, name: 
             continue
         f.fingerprint = f"{st.st_size}-{st.st_mtime_ns}"
         hit = cache.get(path)
-        if hit and hit["fingerprint"] == f.fingerprint and (hit["verified"] or not verify):
-            f.size, f.error = (tuple(hit["size"]) if hit["size"] else None), hit["error"]
+        if hit and hit.get("fingerprint") == f.fingerprint and record.FIELD in hit and (hit["verified"] or not verify):
+            f.set(hit[record.FIELD])
+            f.error = hit["error"]
         else:
             todo.append(f)
     if todo:
-        log(f"data: {'decoding' if verify else 'reading the headers of'} {len(todo)} new or changed image(s) of {name}")
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
-        for f, (size, error) in zip(todo, pool.map(lambda f: _probe(f.path, verify), todo)):
-            f.size, f.error = size, error
-            cache[f.path] = {"fingerprint": f.fingerprint, "size": size, "error": error, "verified": verify}
+        log(f"data: {record.action(verify)} {len(todo)} new or changed {record.KIND}(s) of {name}")
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # PIL and FFmpeg run outside the GIL
+        for f, (value, error) in zip(todo, pool.map(lambda f: record.probe(f.path, verify), todo)):
+            f.set(value)
+            f.error = error
+            cache[f.path] = {"fingerprint": f.fingerprint, record.FIELD: value, "error": error, "verified": verify}
     return files
 
 
