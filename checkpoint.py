@@ -5,6 +5,8 @@ Layout of one checkpoint (names follow SimpleTuner's output_dir/checkpoint-<step
 
     checkpoint-<step>/
         model.safetensors                 the trainable weights handed in (LoRA or full), metadata {"step", "format"}
+        shards/                           instead, under FSDP: each rank's shards of the weights, optimizer state
+                                          and EMA (checkpoint_sharded.py)
         extra.safetensors                 optional extra tensors (EMA weights, ...)
         optimizer.safetensors + .json     optimizer.state_dict(): tensor leaves / everything else (see _encode)
         scheduler.json (+ .safetensors)   lr_scheduler.state_dict(), same encoding
@@ -41,6 +43,7 @@ from safetensors.torch import load_file, save_file
 _CKPT = re.compile(r"checkpoint-(\d+)")
 _PARTIAL = re.compile(r"checkpoint-\d+\.(tmp|old)-\d+")  # a save that never committed, or a replaced one
 _TAGS = ("__tensor__", "__tuple__", "__dict__", "__skipped__")
+SHARDS = "shards"  # the sub-folder of a sharded (FSDP) checkpoint: checkpoint_sharded.py
 _SKIP = object()  # decoded value of a leaf that could not be stored: the live object keeps its own value
 
 
@@ -242,21 +245,25 @@ def _sha256(path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(output_dir, step: int, *, model_tensors: dict, optimizer=None, lr_scheduler=None,
+def save_checkpoint(output_dir, step: int, *, model_tensors: dict | None, optimizer=None, lr_scheduler=None,
                     extra_tensors: dict | None = None, state: dict | None = None, config: dict | None = None,
-                    rng=True) -> Path:
+                    rng=True, tmp=None) -> Path:
     """Write output_dir/checkpoint-<step>/ atomically and return its path (other ranks: the path, nothing written).
     rng: True = this process's RNG; a list = one rng_state() per rank (all_gather_object(rng_state()), which every
-    rank must call) so that each rank resumes its own noise stream; False = none."""
+    rank must call) so that each rank resumes its own noise stream; False = none.
+    tmp: a temp folder that already holds files of this checkpoint (checkpoint_sharded puts the shards/ there
+    first); they are committed with the rest, and model_tensors may then be None."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     if _rank() != 0:
         return final
-    tmp = output_dir / f"{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if tmp is None:
+        tmp = output_dir / f"{final.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     meta = {"step": str(step), "format": "pt"}
-    _save_tensors(tmp / "model.safetensors", model_tensors, meta)
+    if model_tensors is not None:
+        _save_tensors(tmp / "model.safetensors", model_tensors, meta)
     if extra_tensors:
         _save_tensors(tmp / "extra.safetensors", extra_tensors, meta)
     if optimizer is not None:
@@ -267,7 +274,8 @@ def save_checkpoint(output_dir, step: int, *, model_tensors: dict, optimizer=Non
         _save_state(tmp, "rng", {"ranks": [rng_state()] if rng is True else list(rng)}, strict=True)
     _write(tmp / "training_state.json", _json_bytes({"step": step, "state": state or {}}))
     _write(tmp / "config.json", _json_bytes(config or {}))
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+    files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(tmp.rglob("*")) if p.is_file()}
     _write(tmp / "manifest.json", _json_bytes({"step": step, "files": files}))
     _fsync(tmp)
     old = None
@@ -291,8 +299,11 @@ def verify_checkpoint(path, full: bool = True) -> dict:
         raise CorruptCheckpoint(path, "no manifest.json (the save never finished)") from None
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise CorruptCheckpoint(path, f"unreadable manifest.json ({e!r})") from None
-    for name in ("model.safetensors", "training_state.json", *listed):
-        if name not in listed or "/" in name or name.startswith("."):
+    sharded = any(name.startswith(SHARDS + "/") for name in listed)  # weights in shards/, not model.safetensors
+    for name in ("training_state.json", *(() if sharded else ("model.safetensors",)), *listed):
+        parts = name.split("/")
+        if (name not in listed or parts[-1].startswith(".") or not parts[-1]
+                or not (len(parts) == 1 or len(parts) == 2 and parts[0] == SHARDS)):
             raise CorruptCheckpoint(path, f"manifest.json does not list {name!r} properly")
         f = path / name
         if not f.is_file():
@@ -324,8 +335,8 @@ def load_checkpoint(path, *, optimizer=None, lr_scheduler=None, restore_rng: boo
         else:
             log(f"checkpoint: {path.name} holds RNG state for {len(ranks)} rank(s); rank {rank} keeps its seeded "
                 "stream, so its noise differs from an uninterrupted run")
-    return Checkpoint(path, ts["step"], load_file(path / "model.safetensors"), extra, ts["state"],
-                      read_json(path / "config.json"))
+    model = load_file(path / "model.safetensors") if "model.safetensors" in files else {}  # {}: see shards/
+    return Checkpoint(path, ts["step"], model, extra, ts["state"], read_json(path / "config.json"))
 
 
 # ------------------------------------------------------------------------------------------------------------------

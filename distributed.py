@@ -103,6 +103,37 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def fully_shard_blocks(model: torch.nn.Module, bf16: bool):
+    """FSDP2 in place: every block of the model's top-level ModuleLists (LongCat-Image's transformer_blocks and
+    single_transformer_blocks, LongCat-Video's blocks) is one unit that all-gathers its weights just before its
+    forward / backward and frees them after; the root unit holds the rest (embedders, final layer). Parameters
+    become DTensors sharded over ranks along dim 0; gradients are reduce-scattered as a mean over ranks, like DDP.
+    bf16: compute with bf16 copies of the fp32 master shards, reduce gradients in fp32 (CUDA with mixed_precision bf16).
+    FSDP hooks only `forward`: a block's `joint` (LongCat-Image's single blocks, run on the joint sequence) is
+    registered as a forward too."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()  # param, reduce
+    for blocks in model.children():
+        if isinstance(blocks, torch.nn.ModuleList):
+            for block in blocks:
+                fully_shard(block, mp_policy=mp)
+                if hasattr(block, "joint"):
+                    register_fsdp_forward_method(block, "joint")
+    fully_shard(model, mp_policy=mp)
+
+
+def gather_full_state(model: torch.nn.Module) -> dict:
+    """The state dict of a fully_shard_blocks model as whole CPU tensors on rank 0 ({} elsewhere). Every rank must
+    call it: each DTensor is all-gathered in turn, so other ranks hold one full tensor at a time, never the model."""
+    from torch.distributed.tensor import DTensor
+    out = {}
+    for name, t in model.state_dict().items():
+        t = t.full_tensor() if isinstance(t, DTensor) else t
+        if tdist.get_rank() == 0:
+            out[name] = t.cpu()
+    return out
+
+
 def seed_everything(seed: int, rank: int = 0):
     """Per-rank streams: torch (CPU + every CUDA device), numpy and `random` all get seed + rank. See module doc."""
     s = seed + rank

@@ -257,7 +257,7 @@ before = torch.randn(3)
 load_checkpoint(path)  # each rank gets its own stream back
 assert torch.equal(before, torch.randn(3))
 print0("PRINT0 LINE")
-print("RANK DONE", d.rank, flush=True)
+print("RANK DONE " + str(d.rank), flush=True)  # one string: the ranks share a pipe, print writes args apart
 cleanup()
 """
 
