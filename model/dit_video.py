@@ -32,7 +32,11 @@ Deviations from the official `LongCatVideoTransformer3DModel`, none of which cha
     cond grid (c, Hp, Wp) alone, noise queries do BSA with Tq = T - c over keys of the whole grid (T, Hp, Wp) (own
     block selection over all key blocks, `_bsa_rect`); if c is not a multiple of the temporal chunk both are dense
     (the release asserts instead);
-  - no context parallel (`cp_split_hw` must be null or [1, 1]) and no `offload_kv_cache`;
+  - context parallel (`model.set_context_parallel(cp)`, model/context_parallel.py) takes the full latents, keeps this
+    rank's H x W tile of every frame and returns that tile of the output; around self-attention the all-to-all
+    reassembles the whole sequence in global raster order, so RoPE, cond mode, the KV cache and BSA run the 1-process
+    code (the release splits the RoPE table and runs BSA on its rank-tile-major order); `cp_split_hw` in the config
+    must be null or the tiling in use; no `offload_kv_cache`;
   - text is a dense [B, L, C] batch with a key mask instead of one packed varlen sequence (identical in zero-pad
     mode, where every sample has L keys);
   - odd latent H/W is an error (the official patch embed right-pads and never crops back);
@@ -75,7 +79,7 @@ class VideoDiTConfig:
     enable_bsa: bool = False  # block-sparse self-attention (spec §7); switchable at run time: model.set_bsa()
     bsa_params: Optional[dict] = field(default_factory=lambda: {
         "sparsity": 0.9375, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]})
-    cp_split_hw: Optional[list] = None  # context parallel: not supported
+    cp_split_hw: Optional[list] = None  # context-parallel (sh, sw) tiling; set at run time: set_context_parallel()
     text_tokens_zero_pad: bool = True  # the code default is False, the released config says True
 
     @property
@@ -111,9 +115,9 @@ class VideoDiTConfig:
         if self.hidden_size % self.num_heads or self.head_dim % 8:
             raise ValueError(f"video DiT config: hidden_size={self.hidden_size} / num_heads={self.num_heads} must "
                              "give a head_dim divisible by 8 (3D RoPE)")
-        if self.cp_split_hw is not None and math.prod(self.cp_split_hw) != 1:
-            raise NotImplementedError(f"video DiT config: cp_split_hw={self.cp_split_hw}, context parallel is not "
-                                      "supported")
+        if self.cp_split_hw is not None and (len(self.cp_split_hw) != 2 or min(self.cp_split_hw) < 1):
+            raise ValueError(f"video DiT config: cp_split_hw={self.cp_split_hw}, expected null or [sh, sw] (H x W "
+                             "tiles of context parallel)")
 
 
 # -----------------------------------------------------------------------------
@@ -263,22 +267,29 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(dim // heads)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, rope, n_cond: int, kv_cache=None, return_kv: bool = False, bsa=None):
+    def forward(self, x, rope, n_cond: int, kv_cache=None, return_kv: bool = False, bsa=None, cp=None):
         """x [B, N, C]; rope (cos, sin) over every key position ([cache; x] with a cache); the first n_cond tokens
         of x are cond tokens (attend only among themselves). bsa: None (dense) or the plan of
-        `LongCatVideoDiT._bsa_plan` (never with a cache). Returns ([B, N, C], (k, v) before RoPE or None)."""
+        `LongCatVideoDiT._bsa_plan` (never with a cache). cp: None or the context-parallel `Tiling`: x, n_cond and
+        the cache are then this rank's tile, rope and bsa cover the whole grid. Returns ([B, N, C], (k, v) before
+        RoPE or None)."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, hd)
         q, k = self.q_norm(q), self.k_norm(k)
         kv = (k.contiguous(), v.contiguous()) if return_kv else None
-        cos, sin = rope
         if kv_cache is not None:  # noise tokens only; cached cond keys (already k_normed) come first
             k_c, v_c = (t.to(device=x.device, dtype=k.dtype).expand(B, -1, -1, -1) for t in kv_cache)
             k, v = torch.cat([k_c, k], dim=2), torch.cat([v_c, v], dim=2)
-            out = sdpa(apply_rope_3d(q, cos[-N:], sin[-N:]), apply_rope_3d(k, cos, sin), v)
+        if cp is not None:  # this tile with all heads -> every token (global raster order) with heads / cp heads
+            q, k, v = (cp.seq_to_heads(t) for t in (q, k, v))
+            n_cond *= cp.size
+        cos, sin = rope
+        Nq = q.shape[2]
+        if kv_cache is not None:
+            out = sdpa(apply_rope_3d(q, cos[-Nq:], sin[-Nq:]), apply_rope_3d(k, cos, sin), v)
         else:
             q, k = apply_rope_3d(q, cos, sin), apply_rope_3d(k, cos, sin)
-            if 0 < n_cond < N:  # cond queries see cond keys only, noise queries see all keys
+            if 0 < n_cond < Nq:  # cond queries see cond keys only, noise queries see all keys
                 c = n_cond
                 if bsa is not None and bsa["cond_ok"]:  # release: two BSA calls, (c | c) and (T - c | T) frames
                     (T, Hp, Wp), tc, chunk, s = bsa["grid"], bsa["c"], bsa["chunk"], bsa["sparsity"]
@@ -291,6 +302,8 @@ class Attention(nn.Module):
                 out = block_sparse_attention(q, k, v, bsa["grid"], bsa["chunk"], bsa["sparsity"])
             else:
                 out = sdpa(q, k, v)
+        if cp is not None:
+            out = cp.heads_to_seq(out)
         return self.proj(out.transpose(1, 2).reshape(B, N, C)), kv
 
 
@@ -341,8 +354,8 @@ class LongCatSingleStreamBlock(nn.Module):
         self.cross_attn = MultiHeadCrossAttention(D, cfg.num_heads)
         self.ffn = FeedForwardSwiGLU(D, cfg.ffn_hidden)
 
-    def attention_half(self, x, shift, scale, gate, rope, n_cond, kv_cache, return_kv, bsa=None):
-        a, kv = self.attn(modulate(x, shift, scale), rope, n_cond, kv_cache, return_kv, bsa)
+    def attention_half(self, x, shift, scale, gate, rope, n_cond, kv_cache, return_kv, bsa=None, cp=None):
+        a, kv = self.attn(modulate(x, shift, scale), rope, n_cond, kv_cache, return_kv, bsa, cp)
         return gated_add(x, gate, a), kv
 
     def mlp_half(self, x, shift, scale, gate, f0, text, c):
@@ -358,12 +371,13 @@ class LongCatSingleStreamBlock(nn.Module):
         return gated_add(x, gate, self.ffn(modulate(x, shift, scale)))
 
     def forward(self, x, temb, text, rope, c: int, kv_cache=None, return_kv=False, ckpt=False, chunk=8192,
-                bsa=None):
+                bsa=None, cp=None):
         """x [B, N, C]; temb [B, T, adaln] fp32; text (y [B, L, C], key_mask) or None (skip cross-attn);
-        c = cond frames inside x (0 with a KV cache); bsa: block-sparse plan or None. Returns (x, (k, v) or None)."""
+        c = cond frames inside x (0 with a KV cache); bsa: block-sparse plan or None; cp: context-parallel `Tiling`
+        or None (x is then this rank's tile). Returns (x, (k, v) or None)."""
         m = self.adaLN_modulation(temb).unsqueeze(2).chunk(6, dim=-1)  # 6 x [B, T, 1, C] fp32
         S = x.shape[1] // temb.shape[1]
-        x, kv = run(self.attention_half, x, m[0], m[1], m[2], rope, c * S, kv_cache, return_kv, bsa, ckpt=ckpt)
+        x, kv = run(self.attention_half, x, m[0], m[1], m[2], rope, c * S, kv_cache, return_kv, bsa, cp, ckpt=ckpt)
         if text is not None:
             text = (*self.cross_attn.text_kv(text[0]), text[1])  # text K/V once per block, outside the chunks
         return run_frames(self.mlp_half, x, m[3:], (text, c), ckpt, chunk), kv
@@ -426,11 +440,25 @@ class LongCatVideoDiT(nn.Module):
         # block-sparse self-attention at run time: None (dense) or {sparsity, chunk_3d_shape_q, chunk_3d_shape_k}
         self.bsa = dict(cfg.bsa_params or {}) if cfg.enable_bsa else None
         self._bsa_noted = set()  # fallback notes already printed (once per model and kind)
+        self.cp = None  # context parallel at run time: a ContextParallel (model/context_parallel.py) or None
 
     def set_bsa(self, enabled: bool = True, params: Optional[dict] = None):
         """Switch block-sparse self-attention at run time (e.g. training vs validation), like the release's
         `dit.enable_bsa()` / `disable_bsa()`; params override `cfg.bsa_params` key by key. The config is unchanged."""
         self.bsa = {**(self.cfg.bsa_params or {}), **(params or {})} if enabled else None
+        return self
+
+    def set_context_parallel(self, cp=None):
+        """Split every forward's tokens over the ranks of `cp` (model/context_parallel.ContextParallel; None: off):
+        each rank passes the same full inputs and gets back its own H x W tile of the output, `cp.shard(v)`."""
+        if cp is not None:
+            if self.cfg.num_heads % cp.size:
+                raise ValueError(f"num_heads {self.cfg.num_heads} is not divisible by the context parallel size "
+                                 f"{cp.size} (the all-to-all splits the heads)")
+            if self.cfg.cp_split_hw not in (None, [1, 1]) and list(self.cfg.cp_split_hw) != list(cp.split):
+                raise ValueError(f"the DiT config's cp_split_hw {self.cfg.cp_split_hw} differs from the tiling in "
+                                 f"use {list(cp.split)}")
+        self.cp = cp
         return self
 
     def _bsa_note(self, kind: str, msg: str):
@@ -476,15 +504,20 @@ class LongCatVideoDiT(nn.Module):
         latent frames are conditioning frames (cond mode). With kv_cache_dict (from `cache_cond_kv`), hidden_states
         and timestep hold only the T noise frames and c is the number of cached frames. skip_crs_attn drops the
         cross-attention (text may be None). Returns v = x0 - eps [B, 16, T, H, W] in fp32, and with return_kv also
-        {block index: (k, v)}, each [B, heads, N, head_dim], k after k_norm and before RoPE.
+        {block index: (k, v)}, each [B, heads, N, head_dim], k after k_norm and before RoPE. With context parallel
+        on (`set_context_parallel`), the output and the cache are this rank's H x W tile of every frame.
         """
         cfg = self.cfg
         B, _, T, H, W = hidden_states.shape
         _, ph, pw = cfg.patch_size
         if H % ph or W % pw:
             raise ValueError(f"latent H, W = {H}, {W} must be multiples of the patch size {ph}, {pw}")
-        Hp, Wp = H // ph, W // pw
-        S = Hp * Wp  # tokens per latent frame
+        Hp, Wp = H // ph, W // pw  # the whole token grid
+        tiling = self.cp.tiling(Hp, Wp) if self.cp else None
+        if tiling:  # context parallel: this rank keeps its H x W tile of every frame
+            hidden_states = self.cp.shard(hidden_states)
+            H, W = hidden_states.shape[-2:]
+        S = (H // ph) * (W // pw)  # tokens per latent frame (of this rank's tile under context parallel)
         c = int(num_cond_latents or 0)
         if kv_cache_dict:
             if return_kv or c <= 0 or kv_cache_dict[0][0].shape[2] != c * S:
@@ -521,12 +554,13 @@ class LongCatVideoDiT(nn.Module):
         kv_out = {}
         for i, block in enumerate(self.blocks):
             cache = kv_cache_dict[i] if kv_cache_dict else None
-            x, kv = block(x, temb, text, rope, c_in_x, cache, return_kv, ckpt, self.checkpoint_chunk_tokens, bsa)
+            x, kv = block(x, temb, text, rope, c_in_x, cache, return_kv, ckpt, self.checkpoint_chunk_tokens, bsa,
+                          tiling)
             if return_kv:
                 kv_out[i] = kv
 
         out = self.final_layer(x, temb)  # [B, N, pt*ph*pw*C_out] fp32, channels ordered (tp, hp, wp, c)
-        out = out.view(B, T, Hp, Wp, ph, pw, cfg.out_channels).permute(0, 6, 1, 2, 4, 3, 5)
+        out = out.view(B, T, H // ph, W // pw, ph, pw, cfg.out_channels).permute(0, 6, 1, 2, 4, 3, 5)
         out = out.reshape(B, cfg.out_channels, T, H, W).float()
         return (out, kv_out) if return_kv else out
 

@@ -91,8 +91,9 @@ def test_config_round_trip_and_unknown_keys():
     assert cfg.to_dict()["_class_name"] == "LongCatVideoTransformer3DModel"
     with pytest.raises(ValueError, match="depht"):
         VideoDiTConfig.from_dict({**TINY, "depht": 3})
-    with pytest.raises(NotImplementedError):
-        VideoDiTConfig.from_dict({**TINY, "cp_split_hw": [1, 2]})
+    assert VideoDiTConfig.from_dict({**TINY, "cp_split_hw": [1, 2]}).cp_split_hw == [1, 2]  # context parallel
+    with pytest.raises(ValueError, match="cp_split_hw"):
+        VideoDiTConfig.from_dict({**TINY, "cp_split_hw": [1, 2, 2]})
 
 
 # -----------------------------------------------------------------------------
