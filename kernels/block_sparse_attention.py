@@ -106,12 +106,16 @@ def select_blocks(q, k, grid_thw, chunk_thw, sparsity):
     of selected key-block indices per query block (indices in chunk order, sorted ascending per row). Pooling and the
     block score q_bar . k_bar are computed in fp32; no gradient flows through the selection.
     """
-    block = math.prod(chunk_thw)
-    qc = reorder_to_chunks(q.float(), grid_thw, chunk_thw)
-    kc = reorder_to_chunks(k.float(), grid_thw, chunk_thw)
+    qc, kc = (reorder_to_chunks(t, grid_thw, chunk_thw) for t in (q, k))
+    return _select_chunked(qc, kc, math.prod(chunk_thw), sparsity)
+
+
+@torch.no_grad()
+def _select_chunked(qc, kc, block, sparsity):
+    """`select_blocks` on q, k already in chunk order (the entry reorders them once for both uses)."""
     B, H, S, D = qc.shape
-    q_bar = qc.view(B, H, S // block, block, D).mean(dim=3)  # (B, H, n_q, D)
-    k_bar = kc.view(B, H, kc.shape[2] // block, block, D).mean(dim=3)  # (B, H, n_k, D)
+    q_bar = qc.float().view(B, H, S // block, block, D).mean(dim=3)  # (B, H, n_q, D)
+    k_bar = kc.float().view(B, H, kc.shape[2] // block, block, D).mean(dim=3)  # (B, H, n_k, D)
     scores = q_bar @ k_bar.transpose(-1, -2)  # (B, H, n_q, n_k)
     n_sel = num_selected_blocks(scores.shape[-1], sparsity)
     idx = scores.topk(n_sel, dim=-1).indices
@@ -584,10 +588,11 @@ def block_sparse_attention(q, k, v, grid_thw, chunk_thw=(4, 4, 4), sparsity=0.93
         backend = "triton" if q.is_cuda else "torch"
     attend = {"torch": block_sparse_attention_torch, "triton": block_sparse_attention_triton}[backend]
     block = math.prod(chunk_thw)
-    block_index = select_blocks(q, k, grid_thw, chunk_thw, sparsity)
-    qc, kc, vc = (reorder_to_chunks(t, grid_thw, chunk_thw) for t in (q, k, v))
-    oc = attend(qc, kc, vc, block_index, block, sm_scale)
-    return reorder_from_chunks(oc, grid_thw, chunk_thw)
+    perm = _chunk_perm(grid_thw, chunk_thw, q.device)
+    inv = torch.argsort(perm)
+    qc, kc, vc = (_TokenGather.apply(t, perm, inv) for t in (q, k, v))
+    oc = attend(qc, kc, vc, _select_chunked(qc, kc, block, sparsity), block, sm_scale)
+    return _TokenGather.apply(oc, inv, perm)
 
 
 # -----------------------------------------------------------------------------

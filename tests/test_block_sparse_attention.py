@@ -110,6 +110,7 @@ def test_ref_with_all_blocks_equals_dense_sdpa(S, block):
     (1, 2, 256, 64, 32, 4, 16.0),
     (2, 1, 128, 32, 16, 1, 1.0),  # top-k = 1
     (1, 2, 120, 32, 16, 3, 4.0),  # ragged last block
+    (1, 2, 120, 32, 16, 8, 1.0),  # ragged, top-k = all blocks
 ])
 def test_torch_path_matches_ref_forward_and_grads(B, H, S, D, block, n_sel, scale):
     q, k, v = qkv(B, H, S, D, scale=scale, seed=2)
