@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from config import ConfigError, load_config
-from trainer import ALIASES, TrainConfig, Trainer, caption_variants, check_common, compute_dtypes, quantize_text_encoder, run_cli
+from trainer import (ALIASES, TrainConfig, Trainer, caption_variants, check_common, compute_dtypes,
+                     quantize_text_encoder, run_cli)
 
 # -----------------------------------------------------------------------------
 # config: the shared SimpleTuner options (trainer.TrainConfig) plus LongCat-Image's own
@@ -109,6 +110,9 @@ def validation(cfg, m, index, step: int, is_edit: bool):
 def main(argv):
     cfg = load_config(TrainImageConfig, argv, aliases=ALIASES)
     check_config(cfg)
+    if cfg.estimate_memory:  # before anything big is read: config.json files only
+        from memory_estimate import print_estimate
+        return print_estimate(cfg, "longcat_image")
     from data.buckets import apply_geometry
     from data.cache import (CaptionEntry, LatentCache, TextCache, edit_compute_fn, files_fingerprint, model_identity,
                             t2i_compute_fn, vae_compute_fn)
@@ -119,6 +123,7 @@ def main(argv):
     from distributed import barrier, cleanup, init_distributed, print0
     from model.dit_image import image_position_ids, text_position_ids
     from model.flow import dynamic_shift_mu, sample_training_sigmas
+    from model.encoder_offload import EncoderOffload
     from model.loading import load_longcat_image
     from model.lora import LONGCAT_IMAGE_LORA_TARGETS
     from model.vae_image import latents_from_moments, pack_latents
@@ -153,7 +158,8 @@ def main(argv):
     max_steps = cfg.max_train_steps if cfg.max_train_steps > 0 else steps_per_epoch * cfg.num_train_epochs
 
     # ---- models -----------------------------------------------------------------------------------------------------
-    m = load_longcat_image(cfg.pretrained_model_name_or_path, cfg.model_flavour, device=device, dtype=weight_dtype)
+    m = load_longcat_image(cfg.pretrained_model_name_or_path, cfg.model_flavour, device=device, dtype=weight_dtype,
+                           dit_device="cpu")  # the DiT waits on the host while the caches fill; Trainer moves it
     dit, vae = m.dit, m.vae
     if m.is_edit != is_edit:
         raise ConfigError(f"{m.path} is a LongCat-Image{'-Edit' if m.is_edit else ''} checkpoint but model_flavour is "
@@ -189,8 +195,11 @@ def main(argv):
                else t2i_compute_fn(m.text_encoder, m.tokenizer))
     text_cache.build(captions, text_fn, batch_size=4, desc="prompts", rank=dist.rank, world_size=dist.world_size,
                      barrier=barrier)
-    if cfg.validation_disable or cfg.validation_prompt is None and not (is_edit and cfg.validation_using_datasets):
-        m.text_encoder.to("cpu")  # not needed again: training reads the cache (encoder offload)
+    validates = not cfg.validation_disable and cfg.validation_step_interval > 0 and (
+        (cfg.validation_using_datasets or cfg.eval_dataset_id is not None) if is_edit
+        else cfg.validation_prompt is not None)  # what validation() renders something for
+    offload = EncoderOffload(m, device, needed_later=validates and dist.is_main, log=print0)
+    offload.park()  # training reads only the caches: the encoders leave the accelerator (or memory) until validation
 
     # ---- trainable parameters, optimizer, resume (trainer.py) ------------------------------------------------------
     trainer = Trainer(cfg, dit, dist, lora_targets=LONGCAT_IMAGE_LORA_TARGETS, max_steps=max_steps,
@@ -246,10 +255,9 @@ def main(argv):
                 loss = training_loss(trainer.model, x0, noise, sigma, embeds, img_ids, txt_ids, ref)
             trainer.backward(loss)
         step, _ = trainer.end_step(step, lr)
-        if (not cfg.validation_disable and cfg.validation_step_interval > 0
-                and step % cfg.validation_step_interval == 0 and dist.is_main):
+        if validates and step % cfg.validation_step_interval == 0 and dist.is_main:
             dit.eval()  # no LoRA dropout in the previews
-            with autocast:
+            with autocast, offload.on_device():
                 validation(cfg, m, index, step, is_edit)
             dit.train()
         barrier()

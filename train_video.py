@@ -4,6 +4,7 @@ Fine-tune LongCat-Video (text-to-video, image-to-video, video continuation) with
     python train_video.py --config config.json                       # a SimpleTuner LongCat-Video config works as is
     python train_video.py --config configs/demo_video.json           # the embedded CPU demo (tiny model, synthetic clips)
     torchrun --nproc_per_node 8 train_video.py --config config.json  # DDP: NCCL on GPU, gloo on CPU
+    torchrun --nproc_per_node 8 train_video.py --config config.json --context_parallel_size=4  # 2 x 4 ranks
 
 The story of a run: config -> clip discovery (bad files excluded and listed in output_dir/data_report.json) ->
 models -> latent and umT5 caches -> LoRA / full (trainer.py) -> the loop -> validation MP4s -> LoRA export
@@ -22,6 +23,9 @@ The objective is the one the released model was trained for (specs/longcat_video
     trains on the empty prompt's umT5 embedding (what CFG uses at sampling).
 Every random draw of a step comes from one generator seeded by `seed`, drawn for the whole global batch, so a resumed
 run equals the uninterrupted one and N processes equal one with the same global batch (LoRA dropout aside).
+Context parallel (`context_parallel_size` cp > 1, model/context_parallel.py): world = cp x dp; the cp consecutive ranks
+of a group share each batch (the sampler and the draws split over the dp groups only) and each keeps an H x W tile of
+every clip's tokens; its loss is the mean over its tile, so DDP's mean over all ranks is the full loss's gradient.
 """
 import math
 import os
@@ -33,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from config import ConfigError, load_config
-from trainer import ALIASES, TrainConfig, Trainer, caption_variants, check_common, compute_dtypes, quantize_text_encoder, run_cli
+from trainer import (ALIASES, TrainConfig, Trainer, caption_variants, check_common, compute_dtypes,
+                     quantize_text_encoder, run_cli)
 
 TASKS = ("t2v", "i2v", "continuation")
 
@@ -52,6 +57,7 @@ class TrainVideoConfig(TrainConfig):
     continuation_cond_frames: int = 13  # pixel frames a continuation sample is conditioned on (13 -> 4 latents)
     attention_implementation: str = "sdpa"  # sdpa (dense) | bsa (our block-sparse attention) | xformers/... -> sdpa
     bsa: Optional[dict] = None  # {"sparsity": 0.9375, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]}
+    context_parallel_size: int = 1  # ranks that split each clip's tokens (Ulysses); world = this x data parallel
     validation_resolution: Optional[str] = None  # "WxH"; None: the first training bucket's size
     validation_num_video_frames: Optional[int] = None  # None: the first training bucket's frame count
     validation_guidance: float = 4.0
@@ -81,6 +87,8 @@ def check_config(cfg: TrainVideoConfig):
         cfg.attention_implementation = "sdpa"
     if cfg.bsa is not None and cfg.attention_implementation != "bsa":
         raise ConfigError("bsa settings are given but attention_implementation is not 'bsa'")
+    if cfg.context_parallel_size < 1:
+        raise ConfigError(f"context_parallel_size must be >= 1, got {cfg.context_parallel_size}")
     from validate import parse_resolutions
     from model.vae_video import check_video_size
     if not cfg.validation_disable and cfg.validation_resolution is not None:
@@ -104,16 +112,18 @@ def task_weights(cfg: TrainVideoConfig, spec) -> list:
 # the objective
 
 
-def training_loss(dit, x0, noise, sigma, embeds, mask, num_cond: int = 0):
+def training_loss(dit, x0, noise, sigma, embeds, mask, num_cond: int = 0, cp=None):
     """x0, noise [B, 16, T, h, w] normalised latents; sigma [B]; the first `num_cond` latent frames of x0 are the
-    clean condition (timestep 0, cond mode). MSE(pred, x0 - eps) over the noise frames only."""
+    clean condition (timestep 0, cond mode). MSE(pred, x0 - eps) over the noise frames only; with context parallel
+    (cp) the DiT returns this rank's H x W tile and the MSE is over that tile."""
     from model.flow import interpolate, video_velocity_target
     B, T, c = x0.shape[0], x0.shape[2], num_cond
     x_t = torch.cat([x0[:, :, :c], interpolate(x0[:, :, c:], noise[:, :, c:], sigma)], dim=2)
     t = (sigma.float() * 1000)[:, None].expand(B, T).clone()
     t[:, :c] = 0
     pred = dit(x_t, t, embeds, mask, num_cond_latents=c)
-    return F.mse_loss(pred[:, :, c:].float(), video_velocity_target(x0[:, :, c:], noise[:, :, c:]).float())
+    target = video_velocity_target(x0[:, :, c:], noise[:, :, c:])
+    return F.mse_loss(pred[:, :, c:].float(), (target if cp is None else cp.shard(target)).float())
 
 
 def validation(cfg, m, index, step: int, buckets):
@@ -147,6 +157,9 @@ def validation(cfg, m, index, step: int, buckets):
 def main(argv):
     cfg = load_config(TrainVideoConfig, argv, aliases=ALIASES)
     check_config(cfg)
+    if cfg.estimate_memory:  # before anything big is read: config.json files only
+        from memory_estimate import print_estimate
+        return print_estimate(cfg, "longcat_video")
     from data.cache import (CaptionEntry, LatentCache, TextCache, files_fingerprint, model_identity, umt5_compute_fn,
                             umt5_from_cache, vae_compute_fn)
     from data.clips import load_clip, load_start_frame
@@ -154,7 +167,9 @@ def main(argv):
     from data.discovery import discover
     from data.sampler import BucketBatchSampler
     from distributed import barrier, cleanup, init_distributed, print0
+    from model.context_parallel import init_context_parallel
     from model.flow import sample_training_sigmas
+    from model.encoder_offload import EncoderOffload
     from model.loading import load_longcat_video
     from model.lora import LONGCAT_VIDEO_LORA_TARGETS
     from model.vae_image import latents_from_moments
@@ -168,6 +183,14 @@ def main(argv):
         os.makedirs(cfg.output_dir, exist_ok=True)
     print0(f"train_video: {cfg.model_type} on LongCat-Video, {dist.world_size} process(es) on {device.type}, "
            f"weights {weight_dtype}")
+    cp = None  # context parallel: this rank's place in the cp x dp layout
+    if cfg.context_parallel_size > 1:
+        try:
+            cp = init_context_parallel(dist.rank, dist.world_size, cfg.context_parallel_size)
+        except ValueError as e:
+            raise ConfigError(f"context_parallel_size {cfg.context_parallel_size}: {e}") from None
+        print0(f"context parallel: {cp.dp_size} group(s) of {cp.size} ranks, H x W tiles {cp.split}")
+    dp_size, dp_rank = (cp.dp_size, cp.dp_rank) if cp else (dist.world_size, dist.rank)
 
     # ---- data -------------------------------------------------------------------------------------------------------
     defaults = {k: getattr(cfg, k) for k in GLOBAL_DEFAULT_KEYS | VIDEO_DEFAULT_KEYS}
@@ -188,17 +211,25 @@ def main(argv):
             raise ConfigError(f"dataset {ds!r}: image-to-video needs clips of at least 5 frames")
     print0(index.summary())
     print0(index.bucket_table())
-    sampler = BucketBatchSampler(index, batch_size=cfg.train_batch_size, seed=cfg.seed, world_size=dist.world_size,
-                                 rank=dist.rank, log=print0)
+    sampler = BucketBatchSampler(index, batch_size=cfg.train_batch_size, seed=cfg.seed, world_size=dp_size,
+                                 rank=dp_rank, log=print0)
     steps_per_epoch = math.ceil(sampler.batches_per_epoch / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps if cfg.max_train_steps > 0 else steps_per_epoch * cfg.num_train_epochs
 
     # ---- models -----------------------------------------------------------------------------------------------------
-    m = load_longcat_video(cfg.pretrained_model_name_or_path, device=device, dtype=weight_dtype)
+    m = load_longcat_video(cfg.pretrained_model_name_or_path, device=device, dtype=weight_dtype,
+                           dit_device="cpu")  # the DiT waits on the host while the caches fill; Trainer moves it
     dit, vae = m.dit, m.vae
     if cfg.attention_implementation == "bsa":
         dit.set_bsa(True, cfg.bsa)
         print0(f"block-sparse self-attention on: {dit.bsa}")
+    if cp is not None:  # the heads split over the group, every bucket's token grid into its tiles: checked now
+        try:
+            dit.set_context_parallel(cp)
+            for w, h, _ in (b for per in index.buckets.values() for b in per):
+                cp.tiling(h // 16, w // 16)  # VAE 8 x patch 2
+        except ValueError as e:
+            raise ConfigError(f"context_parallel_size {cp.size}: {e}") from None
 
     # ---- caches: video posteriors (clips and start frames) and umT5 embeddings, once, split across ranks ------------
     text_quant = quantize_text_encoder(cfg, m.text_encoder, log=print0)
@@ -223,9 +254,8 @@ def main(argv):
                      rank=dist.rank, world_size=dist.world_size, barrier=barrier)
     needs_models = not cfg.validation_disable and (cfg.validation_prompt is not None or cfg.validation_using_datasets
                                                    or cfg.eval_dataset_id is not None)
-    if not needs_models:  # encoder offload: training reads only the caches
-        m.text_encoder.to("cpu")
-        vae.to("cpu")
+    offload = EncoderOffload(m, device, needed_later=needs_models and dist.is_main, log=print0)
+    offload.park()  # training reads only the caches: the encoders leave the accelerator (or memory) until validation
 
     # ---- trainable parameters, optimizer, resume (trainer.py) ------------------------------------------------------
     trainer = Trainer(cfg, dit, dist, lora_targets=LONGCAT_VIDEO_LORA_TARGETS, max_steps=max_steps,
@@ -246,7 +276,7 @@ def main(argv):
         """This rank's share of one global batch, grouped by task: [(c, x0, noise, sigma, embeds, mask, weight)].
         Every draw is made for every global position, so all ranks stay in step."""
         B = len(batch)
-        global_batch, sl = B * dist.world_size, slice(dist.rank * B, (dist.rank + 1) * B)
+        global_batch, sl = B * dp_size, slice(dp_rank * B, (dp_rank + 1) * B)  # same for a cp group's ranks
         variant = torch.randint(0, 1 << 30, (global_batch,), generator=gen)[sl].tolist()
         dropped = (torch.rand(global_batch, generator=gen) < cfg.caption_dropout_probability)[sl].tolist()
         spec = index.specs[batch[0].dataset_id]
@@ -282,15 +312,16 @@ def main(argv):
             for g, (c, x0, noise, sigma, embeds, mask, weight) in enumerate(groups):
                 final = micro == cfg.gradient_accumulation_steps - 1 and g == len(groups) - 1
                 with trainer.sync(final), autocast:
-                    loss = training_loss(trainer.model, x0, noise, sigma, embeds, mask, c) * weight
+                    loss = training_loss(trainer.model, x0, noise, sigma, embeds, mask, c, cp) * weight
                 trainer.backward(loss)
         step, _ = trainer.end_step(step, lr)
-        if (not cfg.validation_disable and cfg.validation_step_interval > 0
-                and step % cfg.validation_step_interval == 0 and dist.is_main):
+        if (needs_models and cfg.validation_step_interval > 0 and step % cfg.validation_step_interval == 0
+                and dist.is_main):
             dit.eval()  # no LoRA dropout in the previews
-            with autocast:
+            dit.set_context_parallel(None)  # rank 0 samples alone
+            with autocast, offload.on_device():
                 validation(cfg, m, index, step, [b for per in index.buckets.values() for b in per])
-            dit.train()
+            dit.train().set_context_parallel(cp)
         barrier()
     trainer.finish()  # loss trend, LoRA export (diffusers/PEFT, ComfyUI, official LongCat-Video) or the dit/ folder
     cleanup()

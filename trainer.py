@@ -1,8 +1,9 @@
 """
 What every training script shares once its data and models are loaded: the options common to image and video runs,
 their checks, and a `Trainer` that owns the trainable parameters (LoRA or full, fp32 master weights, an optional
-quantized frozen base), DDP, the optimizer and LR schedule, EMA, exact resume, the optimizer step (clipping, EMA,
-the loss averaged over ranks, metrics.jsonl), atomic checkpoints and the export of the result.
+quantized frozen base), DDP or FSDP2 (distributed_strategy), the optimizer and LR schedule, EMA, exact resume, the
+optimizer step (clipping, EMA, the loss averaged over ranks, metrics.jsonl), atomic checkpoints (sharded under FSDP:
+checkpoint_sharded.py) and the export of the result.
 
     trainer = Trainer(cfg, dit, dist, lora_targets=LONGCAT_IMAGE_LORA_TARGETS, max_steps=max_steps)
     step = trainer.resume(gen, sampler)                   # 0, or the step of the checkpoint it restored
@@ -10,7 +11,7 @@ the loss averaged over ranks, metrics.jsonl), atomic checkpoints and the export 
         lr = trainer.begin_step(step)
         for micro in range(cfg.gradient_accumulation_steps):
             with trainer.sync(micro == cfg.gradient_accumulation_steps - 1), autocast:
-                loss = my_loss(trainer.model, ...)        # trainer.model: the DDP wrapper under torchrun
+                loss = my_loss(trainer.model, ...)        # trainer.model: DDP wrapper / the DiT sharded in place
             trainer.backward(loss)
         step, loss = trainer.end_step(step, lr)           # clip, step, EMA, mean over ranks, metrics, checkpoint
     trainer.export()                                      # LoRA files (diffusers/PEFT, ComfyUI, ...) or a model folder
@@ -40,6 +41,7 @@ class TrainConfig:
     pretrained_model_name_or_path: Optional[str] = None
     base_model_precision: str = "no_change"  # no_change | bf16 | fp32 | int8-*/fp8-* (ours) | int8-bnb | nf4-bnb
     text_encoder_1_precision: str = "no_change"  # the same values, for the text encoder that fills the prompt cache
+    quantize_modulation: bool = False  # 8/4-bit base: quantize the per-block AdaLN linears too (quant.convert.dit_skip)
     data_backend_config: str = "config/multidatabackend.json"
     output_dir: str = "output"
     seed: int = 42
@@ -64,6 +66,16 @@ class TrainConfig:
     grad_clip_method: str = "value"  # value | norm (SimpleTuner's default is value)
     mixed_precision: str = "bf16"  # bf16 | no; bf16 autocast on GPU, fp32 on CPU
     gradient_checkpointing: bool = True
+    # block swap (model/block_swap.py): the last N blocks' frozen weights streamed in per block, forward and backward
+    musubi_blocks_to_swap: int = 0
+    musubi_block_swap_device: str = "cpu"  # cpu (pinned host memory) | disk (a file in output_dir)
+    enable_group_offload: bool = False  # the quickstarts' flags: every block swapped, blocks_per_group at a time
+    group_offload_type: str = "block_level"  # leaf_level is not supported
+    group_offload_blocks_per_group: int = 1
+    group_offload_use_stream: bool = False  # CUDA: copies on a side stream (musubi_blocks_to_swap always uses one)
+    group_offload_to_disk_path: Optional[str] = None  # the disk store, in this folder instead of host memory
+    distributed_strategy: str = "ddp"  # ddp | fsdp: FSDP2 shards a full fine-tune's weights, grads, optimizer state
+    fsdp_enable: bool = False  # SimpleTuner's switch: true means distributed_strategy fsdp
     use_ema: bool = False
     ema_decay: float = 0.995
     # LoRA
@@ -103,9 +115,6 @@ class TrainConfig:
     train_text_encoder: bool = False
     pretrained_transformer_model_name_or_path: Optional[str] = None
     pretrained_vae_model_name_or_path: Optional[str] = None
-    musubi_blocks_to_swap: int = 0
-    enable_group_offload: bool = False
-    fsdp_enable: bool = False
     deepspeed_config: Optional[str] = None
     # checkpoints
     checkpoint_step_interval: int = 500
@@ -124,22 +133,29 @@ class TrainConfig:
     validation_using_datasets: bool = False
     eval_dataset_id: Optional[str] = None
     validation_disable: bool = False
+    # print the expected peak memory (memory_estimate.py) from the config.json files alone, and exit
+    estimate_memory: bool = False
 
 
 ALIASES = {"checkpointing_steps": "checkpoint_step_interval", "validation_steps": "validation_step_interval"}
 NOT_YET = dict(lora_type="standard", use_dora=False, loss_type="l2", flow_use_beta_schedule=False,
                flow_custom_timesteps=None, train_text_encoder=False, pretrained_transformer_model_name_or_path=None,
-               pretrained_vae_model_name_or_path=None, musubi_blocks_to_swap=0, enable_group_offload=False,
-               fsdp_enable=False, deepspeed_config=None)
+               pretrained_vae_model_name_or_path=None, deepspeed_config=None)
+
+
+def uses_fsdp(cfg: TrainConfig) -> bool:
+    return cfg.distributed_strategy == "fsdp" or cfg.fsdp_enable
 
 
 def check_common(cfg: TrainConfig, script: str):
-    """Start-up checks of the shared options: anything wrong here fails before a model is loaded."""
+    """Start-up checks of the shared options: anything wrong here fails before a model is loaded. The one change it
+    makes: FSDP over several processes turns validation off (with a note)."""
     from optim import check_optimizer_options
     from quant.convert import check_precision
     choices = dict(model_type=("lora", "full"), grad_clip_method=("value", "norm"),
                    mixed_precision=("bf16", "no", "fp16"), latent_sample_mode=("sample", "mode"),
-                   lora_init_type=("default", "gaussian"), lora_format=("diffusers", "comfyui", "peft"))
+                   lora_init_type=("default", "gaussian"), lora_format=("diffusers", "comfyui", "peft"),
+                   distributed_strategy=("ddp", "fsdp"))
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"{key} {getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
@@ -148,13 +164,28 @@ def check_common(cfg: TrainConfig, script: str):
         check_precision(cfg.text_encoder_1_precision, "text_encoder_1_precision")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.quantize_modulation and not quantized:
+        raise ConfigError("quantize_modulation needs an 8/4-bit base_model_precision (e.g. int8-quanto), got "
+                          f"{cfg.base_model_precision!r}")
     if quantized and cfg.model_type != "lora":
         raise ConfigError(f"base_model_precision {cfg.base_model_precision} freezes the base in 8/4 bits: it needs "
                           "model_type lora")
+    if uses_fsdp(cfg) and cfg.model_type != "full":
+        raise ConfigError("distributed_strategy fsdp (fsdp_enable) shards a full fine-tune: it needs model_type full "
+                          "(LoRA's few trainable weights train with distributed_strategy ddp)")
+    if uses_fsdp(cfg) and cfg.optimizer in ("adamw8bit", "bnb-adamw8bit", "ao-adamw8bit"):
+        raise ConfigError(f"optimizer {cfg.optimizer}: bitsandbytes' 8-bit state cannot be sharded by FSDP; use adamw "
+                          "with distributed_strategy fsdp")
+    if uses_fsdp(cfg) and int(os.environ.get("WORLD_SIZE", 1)) > 1 and not cfg.validation_disable:
+        from distributed import print0  # rank 0 renders alone, and alone it cannot run a sharded model
+        print0("note: no validation images under distributed_strategy fsdp (validation_disable set); render the "
+               "exported model folder with validate.py")
+        cfg.validation_disable = True
     for key, neutral in NOT_YET.items():
         if getattr(cfg, key) != neutral:
             raise ConfigError(f"{key}={getattr(cfg, key)!r} is not supported by this version of {script} "
                               f"(remove it or set {neutral!r})")
+    check_block_swap(cfg)
     from data.buckets import check_alignment
     try:
         check_alignment(cfg.aspect_bucket_alignment)
@@ -184,6 +215,63 @@ def check_common(cfg: TrainConfig, script: str):
     if cfg.max_train_steps <= 0 and cfg.num_train_epochs <= 0:
         raise ConfigError("set max_train_steps or num_train_epochs to a positive number")
     check_optimizer_options(cfg.optimizer, cfg.lr_scheduler)
+
+
+def check_block_swap(cfg: TrainConfig):
+    """musubi_blocks_to_swap / musubi_block_swap_device and the quickstarts' group-offload flags (the block count is
+    checked against the DiT by make_block_swap)."""
+    from model.block_swap import STORES
+    if cfg.musubi_blocks_to_swap < 0:
+        raise ConfigError(f"musubi_blocks_to_swap must be >= 0, got {cfg.musubi_blocks_to_swap}")
+    if cfg.musubi_block_swap_device not in STORES:
+        raise ConfigError(f"musubi_block_swap_device {cfg.musubi_block_swap_device!r}: expected one of "
+                          f"{', '.join(STORES)} (disk: a file in output_dir, for runs short of host RAM)")
+    if cfg.group_offload_type not in ("block_level", "leaf_level"):
+        raise ConfigError(f"group_offload_type {cfg.group_offload_type!r}: expected block_level")
+    if cfg.group_offload_blocks_per_group < 1:
+        raise ConfigError(f"group_offload_blocks_per_group must be >= 1, got {cfg.group_offload_blocks_per_group}")
+    if not (cfg.musubi_blocks_to_swap or cfg.enable_group_offload):
+        return
+    if cfg.enable_group_offload and cfg.group_offload_type == "leaf_level":
+        raise ConfigError("group_offload_type leaf_level is not supported: use block_level or musubi_blocks_to_swap")
+    if cfg.enable_group_offload and cfg.musubi_blocks_to_swap:
+        raise ConfigError("set musubi_blocks_to_swap or enable_group_offload, not both (they are the same mechanism)")
+    if cfg.model_type != "lora":
+        raise ConfigError("musubi_blocks_to_swap / enable_group_offload stream the frozen base weights: they need "
+                          "model_type lora")
+    if cfg.base_model_precision.endswith("-bnb"):
+        raise ConfigError(f"block swap does not move bitsandbytes layers ({cfg.base_model_precision}); use "
+                          "int8-quanto or fp8-torchao for a quantized base")
+
+
+def swaps_blocks(cfg: TrainConfig) -> bool:
+    """Block swap on: make_block_swap moves only the resident part of the DiT (loaded into host memory by the
+    scripts) to the device, so a DiT larger than the accelerator never has to fit on it whole."""
+    return bool(cfg.musubi_blocks_to_swap or cfg.enable_group_offload)
+
+
+def make_block_swap(cfg: TrainConfig, dit: torch.nn.Module, dist, log: Callable = print):
+    """The BlockSwap the config asks for, or None. musubi_blocks_to_swap N: the last N blocks, one at a time, copies
+    on a side stream; enable_group_offload (block_level): every block, group_offload_blocks_per_group at a time."""
+    from model.block_swap import BlockSwap, execution_order
+    if not swaps_blocks(cfg):
+        return None
+    total = len(execution_order(dit))
+    if cfg.musubi_blocks_to_swap > total:
+        raise ConfigError(f"musubi_blocks_to_swap {cfg.musubi_blocks_to_swap}: this DiT has {total} blocks")
+    n, per_group, stream = cfg.musubi_blocks_to_swap, 1, True
+    if cfg.enable_group_offload:
+        n, per_group, stream = total, cfg.group_offload_blocks_per_group, cfg.group_offload_use_stream
+        log(f"enable_group_offload (block_level) runs as block swap: all {total} blocks, {per_group} per group")
+    store = "disk" if cfg.group_offload_to_disk_path else cfg.musubi_block_swap_device
+    name = "block_swap.bin" if dist.world_size == 1 else f"block_swap-rank{dist.rank}.bin"
+    path = os.path.join(cfg.group_offload_to_disk_path or cfg.output_dir, name)
+    swap = BlockSwap(dit, n, dist.device, store=store, path=path, blocks_per_group=per_group, use_stream=stream)
+    dit.to(dist.device)  # the blocks that stay resident and the rest of the DiT; the swapped ones are in the store
+    log(f"block swap: the last {n} of {total} blocks ({sum(swap.sizes) / 2 ** 30:.2f} GiB of frozen weights) live "
+        f"in {path if store == 'disk' else 'host memory'}; {swap.nslots} resident buffer(s) of "
+        f"{max(swap.sizes) / 2 ** 20:.1f} MiB")
+    return swap
 
 
 def quantize_text_encoder(cfg: TrainConfig, text_encoder, log: Callable = print) -> dict:
@@ -234,12 +322,14 @@ class Trainer:
         {"comfyui": "_comfyui"} -> pytorch_lora_weights_comfyui.safetensors; full_folder: where a full fine-tune goes."""
         from model.lora import apply_lora, load_lora
         from optim import make_optimizer
-        from quant.convert import precision_note, quantize_model
+        from quant.convert import dit_skip, precision_note, quantize_model
         self.cfg, self.dit, self.dist, self.log, self.max_steps = cfg, dit, dist, log, max_steps
         self.lora_exports, self.full_folder = lora_exports or {}, full_folder
         if precision_note(cfg.base_model_precision):
-            swapped = quantize_model(dit, cfg.base_model_precision)
-            log(f"{precision_note(cfg.base_model_precision)} ({len(swapped)} linear layers quantized)")
+            swapped = quantize_model(dit, cfg.base_model_precision, skip=dit_skip(cfg.quantize_modulation),
+                                     device=dist.device)  # layer by layer: the DiT waited on the host (scripts)
+            log(f"{precision_note(cfg.base_model_precision)} ({len(swapped)} linear layers quantized"
+                f"{', AdaLN included' if cfg.quantize_modulation else ''})")
         if cfg.model_type == "lora":
             torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
             adapted = apply_lora(dit, cfg.peft_lora_target_modules or lora_targets, rank=cfg.lora_rank,
@@ -257,8 +347,16 @@ class Trainer:
         dit.train()
         self.trainable = {n: p for n, p in dit.named_parameters() if p.requires_grad}
         log(f"trainable parameters: {sum(p.numel() for p in self.trainable.values()):,}")
-        self.model = dit
-        if dist.world_size > 1:
+        self.swap = make_block_swap(cfg, dit, dist, log)  # None unless musubi_blocks_to_swap / enable_group_offload
+        if self.swap is None:
+            dit.to(dist.device)  # the scripts keep the DiT on the host while the caches fill
+        self.model, self.fsdp = dit, uses_fsdp(cfg)  # fsdp: sharded checkpoints on any number of processes
+        self.sharded = self.fsdp and dist.world_size > 1  # and weights, grads, optimizer state sharded over ranks
+        if self.sharded:
+            from distributed import fully_shard_blocks
+            fully_shard_blocks(dit, bf16=dist.device.type == "cuda" and cfg.mixed_precision == "bf16")
+            self.trainable = {n: p for n, p in dit.named_parameters() if p.requires_grad}  # the DTensor shards
+        elif dist.world_size > 1:
             on_gpu = dist.device.type == "cuda"
             self.model = torch.nn.parallel.DistributedDataParallel(dit, device_ids=[dist.device.index] if on_gpu
                                                                    else None)
@@ -275,10 +373,18 @@ class Trainer:
         """Restore the latest (or the configured) checkpoint into the weights, optimizer, EMA, the step generator and
         the sampler; returns its step (0 when starting fresh). Opens metrics.jsonl and the progress bar."""
         from checkpoint import MetricsLogger, load_checkpoint, resolve_resume, set_aside_newer
+        from checkpoint_sharded import is_sharded, load_sharded_checkpoint
         cfg, step = self.cfg, 0
         path = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint, log=self.log)
         if path is not None:
-            ckpt = load_checkpoint(path, optimizer=self.optimizer, log=self.log)
+            if is_sharded(path):  # loads in place, each rank its shards: the copies below copy tensors onto themselves
+                ckpt = load_sharded_checkpoint(path, model=self.dit, optimizer=self.optimizer,
+                                               model_tensors=self.trainable, log=self.log,
+                                               extra_tensors={f"ema.{n}": t for n, t in (self.ema or {}).items()})
+            elif self.sharded:
+                raise ConfigError(f"{path} holds full weights (a distributed_strategy ddp run): resume it with ddp")
+            else:
+                ckpt = load_checkpoint(path, optimizer=self.optimizer, log=self.log)
             missing = set(self.trainable) - set(ckpt.model_tensors)
             if missing:
                 raise ConfigError(f"{path} does not hold this run's trainable weights (e.g. {sorted(missing)[:3]}); "
@@ -310,7 +416,11 @@ class Trainer:
         return lr
 
     def sync(self, final: bool):
-        """Context for a forward + backward: DDP all-reduces the gradients only on the step's `final` backward."""
+        """Context for a forward + backward: DDP all-reduces (FSDP reduce-scatters) the gradients only on the step's
+        `final` backward."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(final)
+            return nullcontext()
         return nullcontext() if final or self.dist.world_size == 1 else self.model.no_sync()
 
     def backward(self, loss: torch.Tensor):
@@ -323,8 +433,10 @@ class Trainer:
         from checkpoint import peak_memory_bytes
         from distributed import all_reduce_mean
         cfg = self.cfg
-        if cfg.grad_clip_method == "norm":
-            torch.nn.utils.clip_grad_norm_(self.trainable.values(), cfg.max_grad_norm)
+        norm = {}
+        if cfg.grad_clip_method == "norm":  # on FSDP's DTensor shards too: the global norm, replicated on every rank
+            total = torch.nn.utils.clip_grad_norm_(self.trainable.values(), cfg.max_grad_norm)
+            norm["grad_norm"] = (total.to_local() if hasattr(total, "to_local") else total).item()
         else:
             torch.nn.utils.clip_grad_value_(self.trainable.values(), cfg.max_grad_norm)
         self.optimizer.step()
@@ -341,40 +453,52 @@ class Trainer:
         self.history.append(loss)
         if self.metrics:
             self.metrics.log(step, loss=loss, lr=lr, step_time=dt, peak_mem_bytes=peak_memory_bytes(self.dist.device),
-                             epoch=self.sampler.epoch)
+                             epoch=self.sampler.epoch, **norm)
         if (cfg.checkpoint_step_interval > 0 and step % cfg.checkpoint_step_interval == 0) or step == self.max_steps:
             self.save_checkpoint(step)
         return step, loss
 
     def save_checkpoint(self, step: int):
         from checkpoint import rng_state, rotate_checkpoints, save_checkpoint
+        from checkpoint_sharded import save_sharded_checkpoint
         from distributed import all_gather_object
-        extra = {"generator": self.gen.get_state(), **{f"ema.{n}": t for n, t in (self.ema or {}).items()}}
-        path = save_checkpoint(self.cfg.output_dir, step,
-                               model_tensors={n: p.detach() for n, p in self.trainable.items()},
-                               optimizer=self.optimizer, extra_tensors=extra, config=asdict(self.cfg),
-                               state={"sampler": self.sampler.state_dict(), "epoch": self.sampler.epoch},
-                               rng=all_gather_object(rng_state()) if self.dist.world_size > 1 else True)
+        weights = {n: p.detach() for n, p in self.trainable.items()}
+        ema = {f"ema.{n}": t for n, t in (self.ema or {}).items()}
+        common = dict(config=asdict(self.cfg), rng=all_gather_object(rng_state()) if self.dist.world_size > 1 else True,
+                      state={"sampler": self.sampler.state_dict(), "epoch": self.sampler.epoch})
+        if self.fsdp:  # every rank writes its own shards of the weights, EMA and optimizer state
+            path = save_sharded_checkpoint(self.cfg.output_dir, step, model=self.dit, optimizer=self.optimizer,
+                                           tensors={**{f"model.{n}": t for n, t in weights.items()}, **ema},
+                                           extra_tensors={"generator": self.gen.get_state()}, **common)
+        else:
+            path = save_checkpoint(self.cfg.output_dir, step, model_tensors=weights, optimizer=self.optimizer,
+                                   extra_tensors={"generator": self.gen.get_state(), **ema}, **common)
         if self.dist.is_main:
             rotate_checkpoints(self.cfg.output_dir, self.cfg.checkpoints_total_limit, keep=path, log=self.log)
 
     # ---- the end ----------------------------------------------------------------------------------------------------
     def finish(self):
-        """Close the bar, print the loss trend, export the result (rank 0) and close metrics.jsonl."""
+        """Close the bar, print the loss trend, export the result (rank 0), close metrics.jsonl and remove the block
+        swap file."""
         self.bar.close()
         n = min(20, len(self.history) // 2)
         if n:
             self.log(f"loss: mean of the first {n} steps {sum(self.history[:n]) / n:.4f} -> "
                      f"last {n} {sum(self.history[-n:]) / n:.4f}")
-        if self.dist.is_main:
+        if self.dist.is_main or self.sharded:  # FSDP: every rank takes part in gathering the full weights
             self.export()
-            if self.metrics:
-                self.metrics.close()
+        if self.metrics:
+            self.metrics.close()
+        if self.swap:
+            self.swap.close()
 
     def export(self):
         """LoRA: cfg.lora_format plus the extra layouts (a ComfyUI copy, ...); full: a loadable model folder.
-        With EMA, the EMA weights are exported too (suffix _ema) through the same writers."""
-        from model.loading import save_module_folder
+        With EMA, the EMA weights are exported too (suffix _ema) through the same writers. Under FSDP every rank
+        calls it and rank 0 writes the full tensors gathered to it."""
+        from checkpoint import atomic_save_safetensors
+        from distributed import gather_full_state
+        from model.loading import save_module_folder, write_json
         from model.lora import save_lora
         cfg, dit = self.cfg, self.dit
         for suffix, weights in [("", None)] + ([("_ema", self.ema)] if self.ema else []):
@@ -391,7 +515,13 @@ class Trainer:
                     self.log(f"wrote {save_lora(path, dit, format=fmt)}")
             else:
                 folder = os.path.join(cfg.output_dir, self.full_folder + suffix)
-                save_module_folder(dit, folder, dit.cfg.to_dict())
+                if not self.sharded:
+                    save_module_folder(dit, folder, dit.cfg.to_dict())
+                else:  # save_module_folder's layout, from the gathered tensors
+                    state = gather_full_state(dit)
+                    if self.dist.is_main:
+                        write_json(os.path.join(folder, "config.json"), dit.cfg.to_dict())
+                        atomic_save_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"), state)
                 self.log(f"wrote {folder}")
             if weights:
                 with torch.no_grad():

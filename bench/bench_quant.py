@@ -4,12 +4,13 @@ Triton weight-only kernels against bf16 F.linear.
 
     python bench/bench_quant.py                          # 1B memory + small-config step time + GPU kernels if any
     python bench/bench_quant.py --mem-preset small       # everything on the small config (quick)
-    python bench/bench_quant.py --precisions bf16 int8-ours
+    python bench/bench_quant.py --precisions bf16 int8-ours int8-ours+mod   # "+mod": quantize_modulation (AdaLN too)
 
 (a) Memory, on a ~1B-parameter LongCat-Image DiT (LongCatImageDiT, 4 double + 12 single blocks, 14 heads x 128 =
     1792 wide, the real text width 3584): each precision alone in a fresh child process. The model is built on the
-    meta device, materialised in bf16 (no fp32 copy), quantized with quant.convert.quantize_model (adaLN, embedders
-    and the final projection stay bf16, as in LongCat's own int8), LoRA applied on the official targets
+    meta device, materialised in bf16 (no fp32 copy), quantized with quant.convert.quantize_model (the default keeps
+    the per-block AdaLN, embedders and the final layer in bf16; "+mod" variants quantize the AdaLN too, as LongCat's
+    own int8 and the trainer's quantize_modulation option do), LoRA applied on the official targets
     (LONGCAT_IMAGE_LORA_TARGETS, rank 32, alpha 8, fp32 adapters). Reported: transformer weight bytes (parameters +
     buffers + bnb quant states) and the ratio vs bf16, over the whole transformer and over the quantized layers only;
     "resident" = RSS after build + quantize + LoRA minus the RSS before the build; "step peak" = the peak RSS
@@ -41,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from model.dit_image import ImageDiTConfig, LongCatImageDiT, image_position_ids, text_position_ids  # noqa: E402
 from model.lora import LONGCAT_IMAGE_LORA_TARGETS, apply_lora  # noqa: E402
-from quant.convert import quantizable, quantize_model  # noqa: E402
+from quant.convert import dit_skip, quantizable, quantize_model  # noqa: E402
 from quant.linear import QuantLinear  # noqa: E402
 
 PRESETS = {  # text / grid: tokens of the training batch (grid x grid image tokens)
@@ -50,7 +51,7 @@ PRESETS = {  # text / grid: tokens of the training batch (grid x grid image toke
     "small": dict(num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=6,
                   joint_attention_dim=512, axes_dims_rope=[8, 28, 28], text=64, grid=16),
 }
-PRECISIONS = ["bf16", "int8-ours", "fp8-ours", "nf4-bnb"]
+PRECISIONS = ["bf16", "int8-ours", "fp8-ours", "int8-ours+mod", "fp8-ours+mod", "nf4-bnb"]
 DTYPE = torch.bfloat16
 
 
@@ -75,7 +76,8 @@ def build(preset, precision, seed=0):
             else:  # norm scales 1, biases 0
                 t.fill_(1.0 if name.endswith("weight") else 0.0)
     dit.eval()
-    quantize_model(dit, precision)
+    base, mod = precision.removesuffix("+mod"), precision.endswith("+mod")
+    quantize_model(dit, base, skip=dit_skip(mod))
     gc.collect()
     return dit
 
@@ -152,12 +154,12 @@ def run_child(args, preset, precision):
     return json.loads(out.stdout.split("RESULT ")[-1])
 
 
-def bf16_layer_bytes(preset):
+def bf16_layer_bytes(preset, mod=False):
     """Bytes of the layers quantize_model swaps, in bf16 (the denominator of the quantized-layers ratio)."""
     with torch.device("meta"):
         dit = LongCatImageDiT(config(preset))
     return sum(dit.get_submodule(n).weight.numel() * 2 + (dit.get_submodule(n).bias.numel() * 2
-               if dit.get_submodule(n).bias is not None else 0) for n in quantizable(dit))
+               if dit.get_submodule(n).bias is not None else 0) for n in quantizable(dit, dit_skip(mod)))
 
 
 def time_steps(preset, precisions, warmup, steps):
@@ -237,7 +239,8 @@ def main():
             continue
         mib = 2 ** 20
         ratio = r["weight_bytes"] / ref["weight_bytes"] if ref else float("nan")
-        qratio = r["quant_bytes"] / layer_bf16 if r["quant_bytes"] else 1.0
+        qratio = r["quant_bytes"] / bf16_layer_bytes(args.mem_preset, r["precision"].endswith("+mod")) \
+            if r["quant_bytes"] else 1.0
         pr = r["step_peak"] / ref["step_peak"] if ref else float("nan")
         print(f"| {r['precision']} | {r['weight_bytes'] / mib:.0f} | {ratio:.3f} | "
               f"{qratio:.4f} | {r['resident'] / mib:.0f} | {r['step_peak'] / mib:.0f} | {pr:.3f} |")

@@ -156,7 +156,8 @@ class LongCatImage:
     dtype: torch.dtype
 
 
-def load_longcat_image(name_or_path=None, flavour="final", device=None, dtype=None) -> LongCatImage:
+def load_longcat_image(name_or_path=None, flavour="final", device=None, dtype=None, dit_device=None) -> LongCatImage:
+    """dit_device: where the transformer goes if not `device` (block swap loads it into host memory first)."""
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     from model.text_qwen import load_text_processor
@@ -170,7 +171,7 @@ def load_longcat_image(name_or_path=None, flavour="final", device=None, dtype=No
     if flavour == "edit" and index and not is_edit:
         raise WeightsError(f"{root}: model_flavour edit needs a LongCat-Image-Edit folder, this one is {index['_class_name']}")
 
-    dit = load_image_dit(root / "transformer", device, dtype)
+    dit = load_image_dit(root / "transformer", dit_device or device, dtype)
     vae = load_image_vae(root / "vae", device, dtype)
     if dit.cfg.in_channels != 64 or vae.config.latent_channels != 16 or vae.downscale_factor != 8:
         raise WeightsError(f"{root}: transformer in_channels={dit.cfg.in_channels} and vae latent_channels="
@@ -206,7 +207,8 @@ class LongCatVideo:
     dtype: torch.dtype
 
 
-def load_longcat_video(name_or_path=None, flavour="final", device=None, dtype=None) -> LongCatVideo:
+def load_longcat_video(name_or_path=None, flavour="final", device=None, dtype=None, dit_device=None) -> LongCatVideo:
+    """dit_device: where the DiT goes if not `device` (block swap loads it into host memory first)."""
     from model.dit_video import LongCatVideoDiT, VideoDiTConfig
     from model.text_umt5 import load_umt5
     from model.vae_video import VideoVAE, VideoVAEConfig, convert_wan_vae_state_dict, is_wan_original_state_dict
@@ -227,7 +229,7 @@ def load_longcat_video(name_or_path=None, flavour="final", device=None, dtype=No
         raise WeightsError(f"{sched_file}: LongCat-Video uses a static shift (use_dynamic_shifting false)")
     with torch.device("meta"):
         dit, vae = LongCatVideoDiT(dit_cfg), VideoVAE(vae_cfg)
-    dit = load_weights(dit, load_safetensors(root / "dit"), f"dit ({root / 'dit'})", dtype, device).eval()
+    dit = load_weights(dit, load_safetensors(root / "dit"), f"dit ({root / 'dit'})", dtype, dit_device or device).eval()
     sd = load_safetensors(root / "vae")
     vae = load_weights(vae, convert_wan_vae_state_dict(sd) if is_wan_original_state_dict(sd) else sd,
                        f"vae ({root / 'vae'})", dtype, device).eval()

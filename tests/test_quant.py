@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from model.dit_image import LongCatImageDiT, image_position_ids, text_position_ids
 from model.lora import apply_lora, lora_modules
 from model.tiny_checkpoint import TINY_DIT
-from quant.convert import (DEFAULT_SKIP, PRECISIONS, check_precision, load_quantized, precision_note, quantizable,
-                           quantize_model, read_quant_metadata, save_quantized)
+from quant.convert import (DEFAULT_SKIP, PRECISIONS, check_precision, dit_skip, load_quantized, precision_note,
+                           quantizable, quantize_model, read_quant_metadata, save_quantized)
 from quant.linear import QuantLinear, dequantize_weight, quantize_weight
 
 
@@ -323,3 +323,17 @@ def test_skip_patterns():
     assert "proj_out" not in names and "single_transformer_blocks.1.proj_out" in names
     assert not any("norm" in n or "embed" in n for n in names)
     assert "proj_out" in quantizable(dit, skip=())
+
+
+def test_quantize_modulation_adds_the_block_adaln_only():
+    """dit_skip(True) (the trainer's quantize_modulation): the per-block AdaLN linears join the quantized set; the
+    final layer (norm_out, proj_out), the embedders and the timestep MLP stay as they are."""
+    dit = tiny_dit()
+    default, with_mod = set(quantizable(dit)), set(quantizable(dit, dit_skip(True)))
+    added = with_mod - default
+    assert default < with_mod and added
+    assert all(n.endswith(("norm1.linear", "norm1_context.linear", "norm.linear")) for n in added)
+    assert {"transformer_blocks.0.norm1.linear", "single_transformer_blocks.0.norm.linear"} <= added
+    assert not any(n.startswith(("norm_out", "proj_out", "x_embedder", "context_embedder", "time_embed"))
+                   for n in with_mod)
+    assert dit_skip(False) == DEFAULT_SKIP

@@ -210,6 +210,7 @@ def test_lora_export_loads_in_diffusers_and_validate(world, tmp_path):
 @pytest.mark.parametrize("override, message", [
     (dict(base_model_precision="int3-foo"), "int8-quanto"),  # lists the accepted values
     (dict(base_model_precision="int8-quanto", model_type="full"), "needs model_type lora"),
+    (dict(quantize_modulation=True), "quantize_modulation needs an 8/4-bit base_model_precision"),
     (dict(learning_rat=1e-4), "did you mean 'learning_rate'"),
     (dict(model_flavour="edit"), "conditioning_data"),
     (dict(optimizer="lion"), "optimizer 'lion'"),
@@ -291,10 +292,15 @@ def test_int8_base_trains_close_to_the_full_precision_base(world, tmp_path, caps
     train_image.main(args(world, full, max_train_steps=8, lora_rank=16))
     train_image.main(args(world, q, max_train_steps=8, lora_rank=16, base_model_precision="int8-quanto"))
     assert "runs as our int8 weight-only QuantLinear" in capsys.readouterr().out
-    a, b = losses(full), losses(q)
-    rel = max(abs(x - y) / x for x, y in zip(a, b))
-    print(f"int8 vs full-precision base: max relative loss difference {rel:.2e}")
-    assert 0 < rel < 0.05  # different (the base really is int8), and close
+    qm = tmp_path / "int8-adaln"  # quantize_modulation: the per-block AdaLN in int8 too (LongCat's own int8 layout)
+    train_image.main(args(world, qm, max_train_steps=8, lora_rank=16, base_model_precision="int8-quanto",
+                          quantize_modulation=True))
+    assert "AdaLN included" in capsys.readouterr().out
+    for run in (q, qm):
+        a, b = losses(full), losses(run)
+        rel = max(abs(x - y) / x for x, y in zip(a, b))
+        print(f"{run.name} vs full-precision base: max relative loss difference {rel:.2e}")
+        assert 0 < rel < 0.05  # different (the base really is int8), and close
 
 
 def test_int8_text_encoder_fills_its_own_prompt_cache(world, tmp_path, capsys):
