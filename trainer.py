@@ -142,7 +142,6 @@ NOT_YET = dict(lora_type="standard", use_dora=False, loss_type="l2", flow_use_be
                flow_custom_timesteps=None, train_text_encoder=False, pretrained_transformer_model_name_or_path=None,
                pretrained_vae_model_name_or_path=None, deepspeed_config=None)
 
-
 def uses_fsdp(cfg: TrainConfig) -> bool:
     return cfg.distributed_strategy == "fsdp" or cfg.fsdp_enable
 
@@ -150,7 +149,7 @@ def uses_fsdp(cfg: TrainConfig) -> bool:
 def check_common(cfg: TrainConfig, script: str):
     """Start-up checks of the shared options: anything wrong here fails before a model is loaded. The one change it
     makes: FSDP over several processes turns validation off (with a note)."""
-    from optim import check_optimizer_options
+    from optim import OPTIMIZERS, check_optimizer_options
     from quant.convert import check_precision
     choices = dict(model_type=("lora", "full"), grad_clip_method=("value", "norm"),
                    mixed_precision=("bf16", "no", "fp16"), latent_sample_mode=("sample", "mode"),
@@ -173,7 +172,7 @@ def check_common(cfg: TrainConfig, script: str):
     if uses_fsdp(cfg) and cfg.model_type != "full":
         raise ConfigError("distributed_strategy fsdp (fsdp_enable) shards a full fine-tune: it needs model_type full "
                           "(LoRA's few trainable weights train with distributed_strategy ddp)")
-    if uses_fsdp(cfg) and cfg.optimizer in ("adamw8bit", "bnb-adamw8bit", "ao-adamw8bit"):
+    if uses_fsdp(cfg) and OPTIMIZERS.get(cfg.optimizer) == "adamw8bit":
         raise ConfigError(f"optimizer {cfg.optimizer}: bitsandbytes' 8-bit state cannot be sharded by FSDP; use adamw "
                           "with distributed_strategy fsdp")
     if uses_fsdp(cfg) and int(os.environ.get("WORLD_SIZE", 1)) > 1 and not cfg.validation_disable:
@@ -200,7 +199,7 @@ def check_common(cfg: TrainConfig, script: str):
     if cfg.init_lora and (cfg.model_type != "lora" or not os.path.exists(cfg.init_lora)):
         raise ConfigError(f"init_lora {cfg.init_lora!r}: " + ("needs model_type lora" if cfg.model_type != "lora"
                                                               else "file not found"))
-    if cfg.optimizer in ("adamw8bit", "bnb-adamw8bit", "ao-adamw8bit"):
+    if OPTIMIZERS.get(cfg.optimizer) == "adamw8bit":
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
@@ -230,7 +229,7 @@ def check_block_swap(cfg: TrainConfig):
         raise ConfigError(f"group_offload_type {cfg.group_offload_type!r}: expected block_level")
     if cfg.group_offload_blocks_per_group < 1:
         raise ConfigError(f"group_offload_blocks_per_group must be >= 1, got {cfg.group_offload_blocks_per_group}")
-    if not (cfg.musubi_blocks_to_swap or cfg.enable_group_offload):
+    if not swaps_blocks(cfg):
         return
     if cfg.enable_group_offload and cfg.group_offload_type == "leaf_level":
         raise ConfigError("group_offload_type leaf_level is not supported: use block_level or musubi_blocks_to_swap")
