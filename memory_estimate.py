@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from config import read_json_config
+
 GB = 1e9
 # (SAVED, WORK) in units of S x D x b per block, read off model/dit_image.py and model/dit_video.py:
 #   image, checkpointed: block input + SDPA output (saved by the selective checkpoint) + its [B, S, D] copy = 3;
@@ -74,13 +76,6 @@ class Estimate:
 # the models, on the meta device
 
 
-def read_json(path: Path) -> dict:
-    import json
-    from config import strip_json_comments
-    with open(path, encoding="utf-8") as f:
-        return json.loads(strip_json_comments(f.read()))
-
-
 def model_folder(cfg, family: str) -> Path:
     """The local model folder; a hub id fetches its config.json files only (never the weights)."""
     from model.loading import IMAGE_FLAVOURS, VIDEO_FLAVOURS, WeightsError
@@ -104,15 +99,15 @@ def meta_models(root: Path, family: str):
             from transformers import Qwen2_5_VLForConditionalGeneration
             from model.dit_image import ImageDiTConfig, LongCatImageDiT
             from model.vae_image import ImageVAE, ImageVAEConfig
-            dit = LongCatImageDiT(ImageDiTConfig.from_dict(read_json(root / "transformer" / "config.json")))
-            vae = ImageVAE(ImageVAEConfig.from_dict(read_json(root / "vae" / "config.json")))
+            dit = LongCatImageDiT(ImageDiTConfig.from_dict(read_json_config(root / "transformer" / "config.json")))
+            vae = ImageVAE(ImageVAEConfig.from_dict(read_json_config(root / "vae" / "config.json")))
             te = Qwen2_5_VLForConditionalGeneration(AutoConfig.from_pretrained(root / "text_encoder"))
         else:
             from transformers import UMT5EncoderModel
             from model.dit_video import LongCatVideoDiT, VideoDiTConfig
             from model.vae_video import VideoVAE, VideoVAEConfig
-            dit = LongCatVideoDiT(VideoDiTConfig.from_dict(read_json(root / "dit" / "config.json")))
-            vae = VideoVAE(VideoVAEConfig.from_dict(read_json(root / "vae" / "config.json")))
+            dit = LongCatVideoDiT(VideoDiTConfig.from_dict(read_json_config(root / "dit" / "config.json")))
+            vae = VideoVAE(VideoVAEConfig.from_dict(read_json_config(root / "vae" / "config.json")))
             te = UMT5EncoderModel(AutoConfig.from_pretrained(root / "text_encoder"))
     return dit, vae.requires_grad_(False), te.requires_grad_(False)  # the encoders are frozen (frozen_bytes)
 

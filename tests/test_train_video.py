@@ -18,6 +18,7 @@ import checkpoint
 import train_video
 from model.dit_video import LongCatVideoDiT, VideoDiTConfig
 from model.tiny_checkpoint import TINY_VIDEO_DIT
+from test_video_data import QUICKSTART_I2V  # the quickstart's multidatabackend.json, verbatim
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -178,35 +179,13 @@ QUICKSTART_VIDEO = """{
   "validation_using_datasets": true,
   "eval_dataset_id": "longcat-video-val"
 }"""
-QUICKSTART_VIDEO_DATA = """[
-  {
-    "id": "longcat-video-train",
-    "type": "local",
-    "dataset_type": "video",
-    "is_i2v": true,
-    "instance_data_dir": "/data/video-clips",
-    "caption_strategy": "textfile",
-    "resolution": 480,
-    "cache_dir_vae": "/cache/vae/longcat/video",
-    "conditioning_data": ["longcat-video-cond"]
-  },
-  {
-    "id": "longcat-video-cond",
-    "type": "local",
-    "dataset_type": "conditioning",
-    "instance_data_dir": "/data/video-start-frames",
-    "caption_strategy": null,
-    "resolution": 480,
-    "cache_dir_vae": "/cache/vae/longcat/video-cond"
-  }
-]"""
 
 
 def test_video_quickstart_config_trains_two_steps(world, tmp_path, capsys):
     """The Hindi LongCat-Video I2V quickstart's files (003), unchanged except paths: 93-frame clips at 480p."""
     from data.synthetic import make_synthetic_video_dataset
     clips, starts = make_synthetic_video_dataset(str(tmp_path / "data"), n=1, sizes=((128, 96),), num_frames=93)
-    data = (QUICKSTART_VIDEO_DATA.replace("/data/video-clips", clips).replace("/data/video-start-frames", starts)
+    data = (QUICKSTART_I2V.replace("/data/video-clips", clips).replace("/data/video-start-frames", starts)
             .replace("/cache/", str(tmp_path / "cache") + "/"))
     (tmp_path / "multidatabackend.json").write_text(data)
     cfg = QUICKSTART_VIDEO.replace(
