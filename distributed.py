@@ -28,8 +28,6 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from host_memory import keep_freed_host_memory
-
 
 @dataclass
 class Dist:
@@ -42,11 +40,8 @@ class Dist:
 
 
 def init_distributed(device_type: str | None = None) -> Dist:
-    """Start the process group when launched by torchrun; pick the device. device_type forces "cpu" or "cuda".
-    On CPU, malloc is set to reuse freed large buffers (host_memory.keep_freed_host_memory)."""
+    """Start the process group when launched by torchrun; pick the device. device_type forces "cpu" or "cuda"."""
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_type == "cpu":
-        keep_freed_host_memory()
     if "RANK" not in os.environ:  # plain `python script.py`: one process, no process group
         return Dist(0, 0, 1, torch.device(device_type), True, None)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -21,7 +21,6 @@ from typing import Optional
 import torch
 
 from config import ConfigError, load_config
-from host_memory import keep_freed_host_memory
 
 FAMILIES = ("longcat_image", "longcat_video")
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -112,8 +111,6 @@ def check(cfg: ValidateConfig):
 def main(argv):
     cfg = load_config(ValidateConfig, argv)
     check(cfg)
-    if torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cpu":
-        keep_freed_host_memory()
     if cfg.model_family == "longcat_video":
         return main_video(cfg, argv)
     from PIL import Image, ImageOps

@@ -6,8 +6,6 @@ THW <-> chunk permutes and the gathered batched SDPA, all included in the timing
 [B, heads, S, D] tensors, forward and forward+backward (grads w.r.t. q, k, v). Median wall-clock over a few repeats
 after one warm-up, dense and BSA runs interleaved (alternating order, bench/measure.interleaved_times) so drift of a
 busy machine hits both alike; the ratio is dense / BSA and "% ideal" is that ratio over the ideal 1 / (1 - sparsity).
-Both run with the host-memory policy of the training scripts (host_memory.keep_freed_host_memory: freed large
-buffers are reused instead of faulted in again every step); `--plain-malloc` measures glibc's default instead.
 
 GPU part (only with CUDA, skipped otherwise): the Triton kernels (backend="triton": forward kernel, and for fwd+bwd
 the Triton Delta / dK-dV / dQ backward kernels) vs dense SDPA with the FLASH backend forced, bf16, timed with
@@ -16,7 +14,6 @@ the Triton Delta / dK-dV / dQ backward kernels) vs dense SDPA with the FLASH bac
     python bench/bench_bsa.py                     # CPU table (S 4096 and 16384, D 64 and 128)
     python bench/bench_bsa.py --skip-16k-d128     # drop the slowest CPU row group
     python bench/bench_bsa.py --sizes 16384 --dims 64 128 --sparsities 0.9375   # only some rows
-    python bench/bench_bsa.py --plain-malloc      # glibc's default malloc (every large buffer a fresh mmap)
 """
 import argparse
 import math
@@ -28,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from host_memory import keep_freed_host_memory  # noqa: E402
 from kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
 from measure import interleaved_times  # noqa: E402  (bench/ is this script's folder)
 
@@ -51,9 +47,8 @@ def median_ms(steps: dict, repeats: int) -> dict:
 
 
 def cpu_section(args):
-    malloc = "glibc default" if args.plain_malloc else "freed blocks kept (host_memory)"
     print(f"# CPU: torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, B=1, heads={args.heads}, "
-          f"chunk {CHUNK}, malloc: {malloc}")
+          f"chunk {CHUNK}")
     print("| S | grid | D | sparsity | pass | dense ms | BSA ms | speedup | ideal | % of ideal |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for S, grid in GRIDS.items():
@@ -135,10 +130,7 @@ def main():
     p.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
     p.add_argument("--gpu-heads", type=int, default=8)
     p.add_argument("--no-cpu", action="store_true", help="only the GPU section")
-    p.add_argument("--plain-malloc", action="store_true", help="CPU: glibc's default malloc, not the scripts' policy")
     args = p.parse_args()
-    if not args.plain_malloc:
-        keep_freed_host_memory()
     if not args.no_cpu:
         cpu_section(args)
     gpu_section(args)

@@ -19,9 +19,7 @@ Three ways to compute step 4, all fed the same block index [B, H, n_q_blocks, n_
     over [B*H*n_q, 1, block, n_sel*block]; its backward (`_GatheredBSA`) calls the fused SDPA backward op and sums
     the gathered dK/dV back into their key blocks with one sparse one-hot matmul. It really skips unselected blocks.
     Its memory is n_q * n_sel * block * D per head for the gathered K and V (n_q copies of a (1 - sparsity) slice of
-    K), so it is the CPU / fallback path, not the training path at 75k tokens. On CPU those buffers (hundreds of MB
-    at 16k tokens) are fresh `mmap`s every call under glibc's default malloc, and faulting their pages in costs about
-    a third of a step: the training scripts (and bench/bench_bsa.py) run with host_memory.keep_freed_host_memory().
+    K), so it is the CPU / fallback path, not the training path at 75k tokens.
   - `block_sparse_attention_triton`: a Triton forward kernel (one program per query block, online softmax over the
     selected key blocks, fp32 accumulation, logit scaling in fp32 after the dot, ragged last blocks masked, natural-log
     LSE saved) and a deterministic Triton backward (no atomics): a Delta = rowsum(dO * O) preprocess, a dK/dV kernel
