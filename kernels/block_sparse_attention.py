@@ -15,11 +15,11 @@ Algorithm (see ../shared/specs/longcat_video.md §7 and ../shared/specs/kernels.
 Three ways to compute step 4, all fed the same block index [B, H, n_q_blocks, n_sel]:
   - `block_sparse_attention_ref`: dense attention with a token-level boolean mask, softmax in fp64 (or fp32). It does
     all S^2 work and is only a test oracle.
-  - `block_sparse_attention_torch`: gathers the selected K/V blocks of every query block and runs one fused SDPA
-    over [B*H*n_q, 1, block, n_sel*block]; its backward (`_GatheredBSA`) calls the fused SDPA backward op and sums
-    the gathered dK/dV back into their key blocks with one sparse one-hot matmul. It really skips unselected blocks.
-    Its memory is n_q * n_sel * block * D per head for the gathered K and V (n_q copies of a (1 - sparsity) slice of
-    K), so it is the CPU / fallback path, not the training path at 75k tokens.
+  - `block_sparse_attention_torch`: gathers the selected K/V blocks of every query block and runs the fused SDPA op
+    over [query blocks, 1, block, n_sel*block], in chunks of query blocks small enough to stay in cache; its
+    backward (`_GatheredBSA`) gathers them again per chunk, calls the fused SDPA backward op and adds the gathered
+    dK/dV back into their key blocks. It really skips unselected blocks and keeps no gathered copy of K or V between
+    calls, so it is the CPU / fallback path (on GPU the Triton kernels below).
   - `block_sparse_attention_triton`: a Triton forward kernel (one program per query block, online softmax over the
     selected key blocks, fp32 accumulation, logit scaling in fp32 after the dot, ragged last blocks masked, natural-log
     LSE saved) and a deterministic Triton backward (no atomics): a Delta = rowsum(dO * O) preprocess, a dK/dV kernel
@@ -36,7 +36,7 @@ References: FlashAttention-2 (arXiv 2307.08691) for the online softmax; the Trit
 and FastVideo VSA (arXiv 2505.13389) for the block selection and the sparse layout.
 """
 import math
-import warnings
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -157,29 +157,47 @@ def _pad_blocks(x, n_blocks, block):
     return F.pad(x, (0, 0, 0, pad)) if pad else x
 
 
-def _scatter_add_blocks(src, rows, n_rows):
-    """out[r] = sum of src[i] over i with rows[i] == r, out [n_rows, src.shape[1]]. As a CSR (one-hot) x dense
-    matmul for fp32/fp64 (measured 2.7x faster than `index_add_` and ~10x faster than `index_put_(accumulate=True)`,
-    the backward of advanced indexing, on the 2-core CPU); `index_add_` for other dtypes."""
-    if src.dtype in (torch.float32, torch.float64):
-        order = rows.argsort(stable=True)
-        counts = torch.bincount(rows, minlength=n_rows)
-        crow = F.pad(counts.cumsum(0), (1, 0))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            A = torch.sparse_csr_tensor(crow, order, torch.ones(rows.numel(), dtype=src.dtype, device=src.device),
-                                        size=(n_rows, rows.numel()), check_invariants=False)
-            return A @ src
-    return torch.zeros(n_rows, src.shape[1], dtype=src.dtype, device=src.device).index_add_(0, rows, src)
+CPU_CHUNK_BYTES = 2 << 20  # gathered K (and V) per fused-op call on CPU: a chunk stays in the L2/L3 caches
+_WORKSPACE = {}  # (thread, device, dtype, slot) -> a flat buffer, grown when needed, reused by every chunk and call
+
+
+def _workspace(slot, shape, like):
+    """A [shape] view of a buffer kept for the next chunk: the gathered K/V are written into memory that is already
+    mapped and cached instead of a fresh allocation whose pages fault in on first touch."""
+    key = (threading.get_ident(), like.device, like.dtype, slot)
+    n = math.prod(shape)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _WORKSPACE[key] = torch.empty(n, dtype=like.dtype, device=like.device)
+    return buf[:n].view(shape)
+
+
+def _gather_kv(kf, vf, rows, n_sel, D):
+    """The key blocks `rows` of K and V ([n_rows, block*D] each) as [n_rows / n_sel, 1, n_sel*block, D]."""
+    if kf.is_cuda:
+        return (t.index_select(0, rows).view(-1, 1, n_sel * t.shape[1] // D, D) for t in (kf, vf))
+    return (torch.index_select(t, 0, rows, out=_workspace(i, (rows.numel(), t.shape[1]), t))
+            .view(-1, 1, n_sel * t.shape[1] // D, D) for i, t in enumerate((kf, vf)))
+
+
+def _query_chunks(n_batch, n_sel, per):
+    """(query blocks, their slots in the flat block index) for consecutive chunks of `per` query blocks."""
+    for a in range(0, n_batch, per):
+        b = min(a + per, n_batch)
+        yield slice(a, b), slice(a * n_sel, b * n_sel)
 
 
 class _GatheredBSA(torch.autograd.Function):
     """
-    The torch path's attention with a hand-written backward. Forward: gather the n_sel K/V blocks of every query block
-    (`index_select` on [B*H*n_k, block*D] rows) and run the CPU/GPU fused SDPA op on (B*H*n_q, 1, block, n_sel*block),
-    keeping its log-sum-exp. Backward: the fused SDPA backward op on the saved gathered K/V gives dQ and the gathered
-    dK/dV, which are summed back into their key blocks by one sparse one-hot matmul (`_scatter_add_blocks`) instead of
-    autograd's zero-filled `index_put_(accumulate=True)`.
+    The torch path's attention with a hand-written backward, over chunks of query blocks. Forward, per chunk: gather
+    the n_sel K/V blocks of each of its query blocks (`index_select` of [B*H*n_k, block*D] rows into a small reused
+    workspace) and run the fused SDPA op on (chunk, 1, block, n_sel*block), keeping its log-sum-exp. Only q, k, v, O
+    and the LSE are saved: n_sel gathered copies of K and V per layer would dominate the activation memory. Backward,
+    per chunk: gather again, run the fused SDPA backward op and add the chunk's gathered dK/dV into their key blocks
+    (`index_add_`, deterministic on CPU). On CPU a chunk is ~2 MB of gathered K (CPU_CHUNK_BYTES): measured at 16k
+    tokens, one call over all query blocks spent half of the backward zero-filling 2 x 270 MB of fresh pages and
+    streaming them through memory (D = 128); chunks that stay in cache are ~1.3x faster end to end. On CUDA (where the
+    Triton kernels are the real path) it is one chunk, the efficient-attention op, and autograd in the backward.
     """
 
     @staticmethod
@@ -187,56 +205,66 @@ class _GatheredBSA(torch.autograd.Function):
         B, H, Sq, D = q.shape
         Sk = k.shape[2]
         n_q, n_k, n_sel = block_index.shape[2], triton.cdiv(Sk, block), block_index.shape[3]
-        BH = B * H
-        qb = _pad_blocks(q, n_q, block).reshape(BH * n_q, 1, block, D)
+        BH, n_batch = B * H, B * H * n_q
+        qb = _pad_blocks(q, n_q, block).reshape(n_batch, 1, block, D)
         rows = (block_index.reshape(BH, n_q * n_sel).long()
                 + n_k * torch.arange(BH, device=q.device)[:, None]).reshape(-1)  # flat key-block row per slot
-        k_sel, v_sel = (_pad_blocks(t, n_k, block).reshape(BH * n_k, block * D).index_select(0, rows)
-                        .view(BH * n_q, 1, n_sel * block, D) for t in (k, v))
+        kf, vf = (_pad_blocks(t, n_k, block).reshape(BH * n_k, block * D) for t in (k, v))
         mask = None
         if Sk % block:  # ragged last key block: additive -inf on the zero padding
             valid = (torch.arange(n_k * block, device=q.device) < Sk).view(n_k, block)
-            mask = torch.zeros(BH * n_q * n_sel, block, dtype=q.dtype, device=q.device)
+            mask = torch.zeros(n_batch * n_sel, block, dtype=q.dtype, device=q.device)
             mask.masked_fill_(~valid[rows % n_k], float("-inf"))
-            mask = mask.view(BH * n_q, 1, 1, n_sel * block)
-        if q.is_cuda:  # the GPU path is Triton; this keeps the torch path runnable there (efficient-attention op)
-            o = F.scaled_dot_product_attention(qb, k_sel, v_sel, attn_mask=mask, scale=sm_scale)
-            lse = None
-        else:
-            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                qb, k_sel, v_sel, attn_mask=mask, scale=sm_scale)
-        ctx.save_for_backward(qb, k_sel, v_sel, o, lse, rows, mask)
-        ctx.shape = (B, H, Sq, Sk, D, n_q, n_k, block)
+            mask = mask.view(n_batch, 1, 1, n_sel * block)
+        per = n_batch if q.is_cuda else max(1, CPU_CHUNK_BYTES // (n_sel * block * D * q.element_size()))
+        o, lse = torch.empty_like(qb), None
+        for c, r in _query_chunks(n_batch, n_sel, per):
+            k_sel, v_sel = _gather_kv(kf, vf, rows[r], n_sel, D)
+            m = None if mask is None else mask[c]
+            if q.is_cuda:
+                o[c] = F.scaled_dot_product_attention(qb[c], k_sel, v_sel, attn_mask=m, scale=sm_scale)
+                continue
+            o[c], lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qb[c], k_sel, v_sel, attn_mask=m, scale=sm_scale)
+            if lse is None:
+                lse = lse_c.new_empty(n_batch, *lse_c.shape[1:])
+            lse[c] = lse_c
+        ctx.save_for_backward(qb, kf, vf, o, lse, rows, mask)
+        ctx.shape = (B, H, Sq, Sk, D, n_q, n_k, n_sel, block, per)
         ctx.sm_scale = sm_scale
         return o.reshape(B, H, n_q * block, D)[:, :, :Sq]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do):
-        qb, k_sel, v_sel, o, lse, rows, mask = ctx.saved_tensors
-        B, H, Sq, Sk, D, n_q, n_k, block = ctx.shape
+        qb, kf, vf, o, lse, rows, mask = ctx.saved_tensors
+        B, H, Sq, Sk, D, n_q, n_k, n_sel, block, per = ctx.shape
         dob = _pad_blocks(do.to(qb.dtype), n_q, block).reshape(qb.shape).contiguous()
-        if lse is None:  # CUDA: autograd of SDPA on the saved gathered tensors
-            with torch.enable_grad():
-                leaves = [t.detach().requires_grad_() for t in (qb, k_sel, v_sel)]
-                out = F.scaled_dot_product_attention(*leaves, attn_mask=mask, scale=ctx.sm_scale)
-                dqb, dks, dvs = torch.autograd.grad(out, leaves, dob)
-        else:
-            dqb, dks, dvs = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                dob, qb, k_sel, v_sel, o, lse, 0.0, False, attn_mask=mask, scale=ctx.sm_scale)
-        n_rows = B * H * n_k
-        dk, dv = (_scatter_add_blocks(t.reshape(rows.numel(), block * D), rows, n_rows)
-                  .view(B, H, n_k * block, D)[:, :, :Sk] for t in (dks, dvs))
-        dq = dqb.reshape(B, H, n_q * block, D)[:, :, :Sq]
+        dq, dk, dv = torch.empty_like(qb), torch.zeros_like(kf), torch.zeros_like(vf)
+        for c, r in _query_chunks(qb.shape[0], n_sel, per):
+            k_sel, v_sel = _gather_kv(kf, vf, rows[r], n_sel, D)
+            m = None if mask is None else mask[c]
+            if lse is None:  # CUDA: autograd of SDPA on the gathered tensors
+                with torch.enable_grad():
+                    leaves = [t.detach().requires_grad_() for t in (qb[c], k_sel, v_sel)]
+                    out = F.scaled_dot_product_attention(*leaves, attn_mask=m, scale=ctx.sm_scale)
+                    dq[c], dkc, dvc = torch.autograd.grad(out, leaves, dob[c])
+            else:
+                dq[c], dkc, dvc = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    dob[c], qb[c], k_sel, v_sel, o[c], lse[c], 0.0, False, attn_mask=m, scale=ctx.sm_scale)
+            dk.index_add_(0, rows[r], dkc.reshape(-1, block * D))
+            dv.index_add_(0, rows[r], dvc.reshape(-1, block * D))
+        dq = dq.reshape(B, H, n_q * block, D)[:, :, :Sq]
+        dk, dv = (t.view(B, H, n_k * block, D)[:, :, :Sk] for t in (dk, dv))
         return dq, dk, dv, None, None, None
 
 
 def block_sparse_attention_torch(q, k, v, block_index, block, sm_scale=None):
     """
     Same contract as `block_sparse_attention_ref`, but only the selected blocks are touched: the n_sel K/V blocks of
-    every query block are gathered and one fused SDPA runs over (B*H*n_q, 1, block, n_sel*block). Autograd-capable
-    through `_GatheredBSA` (fused SDPA backward + a sparse one-hot matmul summing the gathered dK/dV back into their
-    key blocks). Ragged last blocks are zero-padded and masked out as keys.
+    every query block are gathered and the fused SDPA op runs over (query blocks, 1, block, n_sel*block), chunk by
+    chunk. Autograd-capable through `_GatheredBSA` (the fused SDPA backward op per chunk, the gathered dK/dV added
+    back into their key blocks). Ragged last blocks are zero-padded and masked out as keys.
     """
     _check_index(q, k, block_index, block)
     return _GatheredBSA.apply(q, k, v, block_index, block, sm_scale)
