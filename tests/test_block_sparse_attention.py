@@ -113,9 +113,10 @@ def test_ref_with_all_blocks_equals_dense_sdpa(S, block):
     (1, 2, 120, 32, 16, 3, 4.0),  # ragged last block
     (1, 2, 120, 32, 16, 8, 1.0),  # ragged, top-k = all blocks
 ])
-@pytest.mark.parametrize("chunk_bytes", [None, 1, 20000], ids=["default-chunks", "one-query-block-per-chunk", "uneven-chunks"])
+@pytest.mark.parametrize("chunk_bytes", [None, 1, 20000],
+                         ids=["default-chunks", "one-query-block-per-chunk", "uneven-chunks"])
 def test_torch_path_matches_ref_forward_and_grads(B, H, S, D, block, n_sel, scale, chunk_bytes, monkeypatch):
-    if chunk_bytes is not None:  # the CPU path runs the fused ops per chunk of query blocks: the extremes
+    if chunk_bytes is not None:  # the CPU path runs the fused ops per chunk of query blocks (CPU_CHUNK_BYTES)
         monkeypatch.setattr(bsa, "CPU_CHUNK_BYTES", chunk_bytes)
     q, k, v = qkv(B, H, S, D, scale=scale, seed=2)
     n = math.ceil(S / block)
