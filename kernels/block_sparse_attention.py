@@ -196,8 +196,10 @@ class _GatheredBSA(torch.autograd.Function):
     per chunk: gather again, run the fused SDPA backward op and add the chunk's gathered dK/dV into their key blocks
     (`index_add_`, deterministic on CPU). On CPU a chunk is ~2 MB of gathered K (CPU_CHUNK_BYTES): measured at 16k
     tokens, one call over all query blocks spent half of the backward zero-filling 2 x 270 MB of fresh pages and
-    streaming them through memory (D = 128); chunks that stay in cache are ~1.3x faster end to end. On CUDA (where the
-    Triton kernels are the real path) it is one chunk, the efficient-attention op, and autograd in the backward.
+    streaming them through memory (D = 128); chunks that stay in cache are ~1.3x faster end to end. (On a CPU shared
+    with other busy processes every chunk's OpenMP region waits for a descheduled thread and one big chunk does
+    better: bench/RESULTS.md.) On CUDA, where the Triton kernels are the real path, it is one chunk, the
+    efficient-attention op, and autograd in the backward.
     """
 
     @staticmethod
