@@ -141,6 +141,31 @@ def test_torch_path_matches_ref_forward_and_grads(B, H, S, D, block, n_sel, scal
         assert rel_l2(a32, r) <= tol, f"{name} fp32"
 
 
+def test_torch_path_threads_are_deterministic(monkeypatch):
+    """The CPU chunks run on torch.get_num_threads() Python threads with a static split: two runs are bit-identical,
+    and one thread gives the same result up to the order of the dK/dV sums."""
+    monkeypatch.setattr(bsa, "CPU_CHUNK_BYTES", 1)  # one query block per chunk: many chunks per thread
+    q, k, v = qkv(2, 2, 128, 32, seed=5)
+    idx = random_index(2, 2, 8, 8, 3, torch.Generator().manual_seed(6))
+    do = torch.randn(2, 2, 128, 32, generator=torch.Generator().manual_seed(7))
+
+    def run(threads):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o = block_sparse_attention_torch(*leaves, idx, 16)
+        o.backward(do)
+        return [o] + [t.grad for t in leaves]
+
+    threads = torch.get_num_threads()
+    try:
+        a, b, one = run(3), run(3), run(1)
+    finally:
+        monkeypatch.undo()
+        torch.set_num_threads(threads)  # _on_threads restores the count it read: the patched 3
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(rel_l2(x, y) < 1e-6 for x, y in zip(a, one))
+
+
 def test_index_shape_is_checked():
     q, k, v = qkv(1, 2, 64, 16)
     with pytest.raises(AssertionError):
