@@ -195,8 +195,10 @@ def _on_threads(fn, chunks):
     pool workers), every op inside single-threaded. The fused ops release the GIL, so the chunks run in parallel
     without an OpenMP region (and its barrier) per chunk: measured at 16k tokens, D = 128, 2 cores, the backward took
     344 instead of 407 ms, and 623 instead of 1620 ms with another busy process on the machine. The split is static,
-    so results are deterministic for a given thread count."""
-    n = min(torch.get_num_threads(), len(chunks))
+    so results are deterministic for a given thread count. Fewer than 8 chunks per thread run here, on the intra-op
+    pool: after a change of the thread count the next OpenMP region re-forms its team (~5 ms, measured), which
+    costs more than it saves on small inputs (4k tokens)."""
+    n = min(torch.get_num_threads(), len(chunks) // 8)
     if n <= 1:
         return [fn(chunks)]
     global _POOL
