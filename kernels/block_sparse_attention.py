@@ -187,11 +187,11 @@ def _query_chunks(n_batch, n_sel, per):
             for a in range(0, n_batch, per)]
 
 
-_POOL = None  # worker threads of `_on_threads`, kept for the next call (and with them their workspaces)
+_POOL = [None, 0]  # the worker threads of `_on_threads` and their number, kept (and so their workspaces)
 
 
 def _on_threads(fn, chunks):
-    """[fn(chunks[0::n]), ..., fn(chunks[n-1::n])] on n = torch.get_num_threads() Python threads (this one and n - 1
+    """[fn(chunks[0::n]), ..., fn(chunks[n-1::n])] on n <= torch.get_num_threads() Python threads (this one and n - 1
     pool workers), every op inside single-threaded. The fused ops release the GIL, so the chunks run in parallel
     without an OpenMP region (and its barrier) per chunk: measured at 16k tokens, D = 128, 2 cores, the backward took
     344 instead of 407 ms, and 623 instead of 1620 ms with another busy process on the machine. The split is static,
@@ -201,9 +201,10 @@ def _on_threads(fn, chunks):
     n = min(torch.get_num_threads(), len(chunks) // 8)
     if n <= 1:
         return [fn(chunks)]
-    global _POOL
-    if _POOL is None or _POOL._max_workers < n - 1:
-        _POOL = ThreadPoolExecutor(n - 1, thread_name_prefix="bsa")
+    if _POOL[1] < n - 1:  # first call, or more intra-op threads than before
+        if _POOL[0] is not None:
+            _POOL[0].shutdown(wait=False)
+        _POOL[:] = ThreadPoolExecutor(n - 1, thread_name_prefix="bsa"), n - 1
     grad_mode = torch.is_grad_enabled()  # thread-local: the workers start with grad on
 
     def worker(part):
@@ -212,7 +213,7 @@ def _on_threads(fn, chunks):
     threads, futures = torch.get_num_threads(), []
     torch.set_num_threads(1)  # read by every thread (ATen's intra-op pool size); the workers inherit it
     try:
-        futures = [_POOL.submit(worker, chunks[i::n]) for i in range(1, n)]
+        futures = [_POOL[0].submit(worker, chunks[i::n]) for i in range(1, n)]
         first = fn(chunks[0::n])
     finally:
         wait(futures)
