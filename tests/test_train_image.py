@@ -52,6 +52,16 @@ def losses(out):
     return [json.loads(line)["loss"] for line in open(Path(out) / "metrics.jsonl")]
 
 
+def assert_runs_match(one, two, steps):
+    """Two runs of the same training (1 process vs several): `steps` losses and the exported LoRA within 1e-5."""
+    l1, l2 = losses(one), losses(two)
+    print("run 1:", l1, "\nrun 2:", l2)
+    assert len(l1) == len(l2) == steps and max(abs(a - b) for a, b in zip(l1, l2)) < 1e-5
+    a = load_file(str(Path(one) / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(Path(two) / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
 def test_demo_loss_falls_and_follows_golden_curve(world, tmp_path):
     out = tmp_path / "full"
     train_image.main(args(world, out, model_type="full", max_train_steps=40, train_batch_size=4,
@@ -126,12 +136,7 @@ def test_two_processes_match_one(world, tmp_path):
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    l1, l2 = losses(one), losses(two)
-    print("1 process:", l1, "\n2 processes:", l2)
-    assert len(l1) == len(l2) == 4 and max(abs(a - b) for a, b in zip(l1, l2)) < 1e-5
-    a = load_file(str(one / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(two / "pytorch_lora_weights.safetensors"))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert_runs_match(one, two, steps=4)
 
 
 QUICKSTART_EDIT = """{

@@ -18,6 +18,7 @@ import checkpoint
 import train_video
 from model.dit_video import LongCatVideoDiT, VideoDiTConfig
 from model.tiny_checkpoint import TINY_VIDEO_DIT
+from tests.test_train_image import assert_runs_match, losses
 from test_video_data import QUICKSTART_I2V  # the quickstart's multidatabackend.json, verbatim
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,10 +102,6 @@ def args(world, out, **kw):
     return [f"--{k}={v}" for k, v in base.items()]
 
 
-def losses(out):
-    return [json.loads(line)["loss"] for line in open(Path(out) / "metrics.jsonl")]
-
-
 def test_demo_loss_falls_and_follows_golden_curve(world, tmp_path):
     out = tmp_path / "full"
     train_video.main(args(world, out, model_type="full", max_train_steps=40, train_batch_size=4,
@@ -156,12 +153,7 @@ def test_two_processes_match_one(world, tmp_path):
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    l1, l2 = losses(one), losses(two)
-    print("1 process:", l1, "\n2 processes:", l2)
-    assert len(l1) == len(l2) == 4 and max(abs(a - b) for a, b in zip(l1, l2)) < 1e-5
-    a = load_file(str(one / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(two / "pytorch_lora_weights.safetensors"))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert_runs_match(one, two, steps=4)
 
 
 QUICKSTART_VIDEO = """{
