@@ -3,7 +3,7 @@ LoRA for any model made of linear layers, by module swap, with files that diffus
 
     names = apply_lora(dit, LONGCAT_IMAGE_LORA_TARGETS, rank=32, alpha=8, init="gaussian")  # the official recipe
     ... train: only lora_A / lora_B have requires_grad ...
-    save_lora("out/pytorch_lora_weights.safetensors", dit)         # diffusers layout + alpha in the header
+    save_lora("out/pytorch_lora_weights.safetensors", dit)         # diffusers layout, alpha / r folded into lora_B
     load_lora("out/pytorch_lora_weights.safetensors", fresh_dit)   # wraps the layers it needs, rank/alpha from the file
 
 Maths (PEFT's): y = base(x) + lora_B(lora_A(dropout(x))) * scaling, scaling = alpha / r (alpha / sqrt(r) with
@@ -18,20 +18,23 @@ every loader assumes when a file has no alpha); the official recipe relies on PE
 A wrapped layer's own weights move to `<name>.base_layer.weight` (PEFT's name); `remove_lora` puts the plain
 modules back (optionally merged), so a full-model checkpoint is taken after `remove_lora(model, merge=True)`.
 
-File formats (see ../shared/specs/simpletuner_compat.md §6), all safetensors, all written atomically:
+File formats (see ../shared/specs/simpletuner_compat.md §6), all safetensors, all written atomically. Every export
+folds the trained scale into the up weights (lora_B <- scaling * lora_B: the same update B·A·alpha/r) and says
+alpha = rank (scale 1) wherever the format carries an alpha, so a loader that reads the alpha and one that ignores it
+(and assumes alpha = rank, as they all do) apply the trained strength:
   - "diffusers": `transformer.<module>.lora_A.weight` / `.lora_B.weight`, and the LoraConfig as JSON under the header
     key `lora_adapter_metadata`, its keys prefixed "transformer." (diffusers filters the metadata by the same prefix
     as the weights). Load with
-        pipe.transformer.load_lora_adapter(path, prefix="transformer", use_safetensors=True)
-    diffusers 0.42 reads the header only on its safetensors branch: given a bare file path WITHOUT use_safetensors=True
-    (or weight_name=...) it loads the tensors but drops the metadata and assumes alpha = rank.
-  - "comfyui": the same `transformer.<diffusers name>` keys plus a scalar `<...>.alpha` per module. ComfyUI runs
-    LongCat-Image as a Flux variant in the native BFL layout (double_blocks, fused qkv / linear1); its LoRA loader
+        pipe.transformer.load_lora_adapter(path, prefix="transformer")   # use_safetensors=True or not: the same
+    (diffusers reads the header only on its safetensors branch; without it, alpha = rank, which is what we store.)
+    ComfyUI also loads this file: it maps the same keys as the "comfyui" file and, with no `.alpha`, scales by 1.
+  - "comfyui": the same `transformer.<diffusers name>` keys plus a scalar `<...>.alpha` = rank per module. ComfyUI
+    runs LongCat-Image as a Flux variant in the native BFL layout (double_blocks, fused qkv / linear1); its LoRA loader
     maps `transformer.<diffusers name>` onto those native weights and q/k/v onto slices of the fused qkv, and reads
-    `.alpha` (scale alpha / rank). SimpleTuner's `diffusion_model.<diffusers name>` keys match nothing there, so
-    they are read by load_lora but never written.
+    `.alpha` (scale alpha / rank, rank = lora_A's rows). SimpleTuner's `diffusion_model.<diffusers name>` keys match
+    nothing there, so they are read by load_lora but never written.
   - "peft": a folder with `adapter_model.safetensors` (`base_model.model.<module>.lora_A.weight`) and
-    `adapter_config.json`, like PeftModel.save_pretrained (the official LongCat-Image recipe's output).
+    `adapter_config.json` (lora_alpha = r), like PeftModel.save_pretrained (the official LongCat-Image recipe's output).
 load_lora also reads kohya keys (`lora_unet_<module_with_underscores>.lora_down/.lora_up/.alpha`), PEFT's
 `.lora_A.default.weight` and bare DiffSynth names. Nothing is unpickled.
 """
@@ -262,56 +265,70 @@ def lora_disabled(model: nn.Module):
 # -----------------------------------------------------------------------------
 # state dicts, metadata, files
 
-def lora_state_dict(model: nn.Module, prefix: str = "transformer.") -> dict:
-    """diffusers/PEFT layout: {prefix}<module>.lora_A.weight [r, in] and .lora_B.weight [out, r]."""
+def _folded_b(m: LoRALinear) -> torch.Tensor:
+    """lora_B with the scale folded in (scaling * B, computed in fp32, in B's dtype): B' A = scaling B A. Exact when
+    the scale is 1 or a power of two, else one fp32 rounding per element."""
+    b = m.lora_B.weight.detach()
+    return b if m.scaling == 1 else (b.float() * m.scaling).to(b.dtype)
+
+
+def lora_state_dict(model: nn.Module, prefix: str = "transformer.", fold_scale: bool = False) -> dict:
+    """diffusers/PEFT layout: {prefix}<module>.lora_A.weight [r, in] and .lora_B.weight [out, r]; the training
+    parameterization, or with fold_scale the exported one (lora_B times alpha / r: apply it with scale 1)."""
     sd = {}
     for n, m in lora_modules(model).items():
         sd[f"{prefix}{n}.lora_A.weight"] = m.lora_A.weight.detach()
-        sd[f"{prefix}{n}.lora_B.weight"] = m.lora_B.weight.detach()
+        sd[f"{prefix}{n}.lora_B.weight"] = _folded_b(m) if fold_scale else m.lora_B.weight.detach()
     return sd
 
 
-def lora_config(model: nn.Module) -> dict:
-    """The peft LoraConfig fields that describe the adapters: the most common rank/alpha plus per-module patterns."""
+def lora_config(model: nn.Module, fold_scale: bool = False) -> dict:
+    """The peft LoraConfig fields that describe the adapters: the most common rank/alpha plus per-module patterns.
+    fold_scale: describe lora_state_dict(..., fold_scale=True) instead: alpha = rank everywhere, no rsLoRA."""
     mods = lora_modules(model)
     if not mods:
         raise ValueError("the model has no LoRA adapters")
-    if len({m.use_rslora for m in mods.values()}) > 1:
+    if not fold_scale and len({m.use_rslora for m in mods.values()}) > 1:
         raise ValueError("cannot describe a mix of rsLoRA and plain LoRA adapters in one config")
+    alphas = {n: float(m.rank) if fold_scale else m.alpha for n, m in mods.items()}
     r = collections.Counter(m.rank for m in mods.values()).most_common(1)[0][0]
-    alpha = collections.Counter(m.alpha for m in mods.values()).most_common(1)[0][0]
+    alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
     dropout = collections.Counter(getattr(m.dropout, "p", 0.0) for m in mods.values()).most_common(1)[0][0]
     num = lambda a: int(a) if float(a).is_integer() else a  # noqa: E731  (JSON shows 8, not 8.0)
     return {"r": r, "lora_alpha": num(alpha), "target_modules": list(mods), "lora_dropout": dropout,
-            "use_rslora": next(iter(mods.values())).use_rslora,
+            "use_rslora": False if fold_scale else next(iter(mods.values())).use_rslora,
             "rank_pattern": {n: m.rank for n, m in mods.items() if m.rank != r},
-            "alpha_pattern": {n: num(m.alpha) for n, m in mods.items() if m.alpha != alpha}}
+            "alpha_pattern": {n: num(a) for n, a in alphas.items() if a != alpha}}
 
 
 def lora_metadata(model: nn.Module, prefix: str = "transformer") -> dict:
-    """safetensors header for the diffusers layout: the LoraConfig under `lora_adapter_metadata`, keys "<prefix>.*"."""
-    cfg = {f"{prefix}.{k}": v for k, v in lora_config(model).items()}
+    """safetensors header of our diffusers-layout file (scale folded into lora_B, so lora_alpha = r): the LoraConfig
+    under `lora_adapter_metadata`, keys "<prefix>.*"."""
+    cfg = {f"{prefix}.{k}": v for k, v in lora_config(model, fold_scale=True).items()}
     return {"format": "pt", METADATA_KEY: json.dumps(cfg, indent=2, sort_keys=True)}
 
 
 def save_lora(path, model: nn.Module, format: str = "diffusers", dtype=None) -> Path:
     """Write the adapters as "diffusers" (a file), "comfyui" (a file), "peft" (a folder) or "longcat_video" (a file
-    in the official LongCat-Video layout); returns the weights file."""
+    in the official LongCat-Video layout); returns the weights file. Every layout holds the update scaling·B·A with
+    the scale folded into the up weights and alpha = rank (see the module docstring), so that each client applies the
+    trained strength whether or not it reads the alpha."""
     path = Path(path)
     cast = lambda sd: {k: v.to("cpu", dtype or v.dtype).contiguous() for k, v in sd.items()}  # noqa: E731
     if format == "peft":
         path.mkdir(parents=True, exist_ok=True)
         cfg = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "bias": "none",
-               "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None, **lora_config(model)}
+               "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
+               **lora_config(model, fold_scale=True)}
         atomic_write_bytes(path / "adapter_config.json", (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
         path = path / "adapter_model.safetensors"
-        data = safetensors_bytes(cast(lora_state_dict(model, "base_model.model.")), {"format": "pt"})
+        data = safetensors_bytes(cast(lora_state_dict(model, "base_model.model.", fold_scale=True)), {"format": "pt"})
     elif format == "diffusers":
-        data = safetensors_bytes(cast(lora_state_dict(model, "transformer.")), lora_metadata(model))
+        data = safetensors_bytes(cast(lora_state_dict(model, "transformer.", fold_scale=True)), lora_metadata(model))
     elif format == "comfyui":
-        sd = cast(lora_state_dict(model, "transformer."))
-        for n, m in lora_modules(model).items():  # ComfyUI scales by alpha / rank, so rsLoRA stores scaling * rank
-            sd[f"transformer.{n}.alpha"] = torch.tensor(m.scaling * m.rank, dtype=torch.float32)
+        sd = cast(lora_state_dict(model, "transformer.", fold_scale=True))
+        for n, m in lora_modules(model).items():  # ComfyUI scales by alpha / rank: alpha = rank, scale 1
+            sd[f"transformer.{n}.alpha"] = torch.tensor(float(m.rank), dtype=torch.float32)
         data = safetensors_bytes(sd, {"format": "pt"})
     elif format == "longcat_video":  # the official LongCat-Video pipeline's LoRA files
         data = safetensors_bytes(cast(longcat_video_lora_state_dict(model)), {"format": "pt"})

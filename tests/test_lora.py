@@ -288,6 +288,8 @@ def ref_out(ref, args):
 CASES = {  # name: (apply_lora calls, load_lora_adapter kwargs)
     "alpha=rank, bare path": ([dict(rank=4, alpha=4)], {}),
     "alpha!=rank": ([dict(rank=4, alpha=2)], dict(use_safetensors=True)),
+    "alpha!=rank, bare path": ([dict(rank=4, alpha=8)], {}),  # no header read: alpha = rank, what we store
+    "official r32 a8, bare path": ([dict(rank=32, alpha=8, init="gaussian")], {}),
     "official r32 a8 gaussian": ([dict(rank=32, alpha=8, init="gaussian")], dict(use_safetensors=True)),
     "mixed rank/alpha": ([dict(targets=["attn.to_q", "attn.to_k", "attn.to_v"], rank=4, alpha=2),
                           dict(targets=["ff.net.0.proj", "ff.net.2", "attn.to_add_out"], rank=2, alpha=6),
@@ -318,8 +320,11 @@ def test_diffusers_loads_our_file(case, tmp_path, monkeypatch):
     assert not [k for k in seen[0].missing_keys if "lora_" in k]
     peft_layers = {n: m for n, m in ref.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
     assert set(peft_layers) == set(lora_modules(dit))
-    for n, m in lora_modules(dit).items():
-        assert next(iter(peft_layers[n].scaling.values())) == pytest.approx(m.scaling)
+    for n, m in lora_modules(dit).items():  # the update PEFT applies is the trained one (the scale is folded into B)
+        p = peft_layers[n]
+        (key, scale), = p.scaling.items()
+        delta = scale * p.lora_B[key].weight.float() @ p.lora_A[key].weight.float()
+        assert maxdiff(delta, m.delta_weight()) <= 1e-5 * m.delta_weight().abs().max().item(), n  # fp32 roundings
     args = inputs()
     diff = maxdiff(ref_out(ref, args), run(dit, args))
     print(f"{case}: max abs diff vs diffusers {diff:.3g}")
@@ -330,13 +335,16 @@ def test_diffusers_metadata_content(tmp_path):
     dit = with_lora(rank=32, alpha=8, init="gaussian")
     path = save_lora(tmp_path / "lora.safetensors", dit)
     with safe_open(str(path), framework="pt") as f:
-        header, keys = f.metadata(), set(f.keys())
+        header, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     meta = json.loads(header[METADATA_KEY])
     assert header == lora_metadata(dit)
-    assert meta["transformer.r"] == 32 and meta["transformer.lora_alpha"] == 8
+    assert meta["transformer.r"] == 32 and meta["transformer.lora_alpha"] == 32  # the scale 8/32 is folded into B
     assert set(meta["transformer.target_modules"]) == OFFICIAL and meta["transformer.use_rslora"] is False
-    assert keys == {f"transformer.{n}.lora_{ab}.weight" for n in OFFICIAL for ab in "AB"}
-    assert set(lora_state_dict(dit)) == keys
+    assert set(sd) == {f"transformer.{n}.lora_{ab}.weight" for n in OFFICIAL for ab in "AB"}
+    assert set(lora_state_dict(dit)) == set(sd)
+    for n, m in lora_modules(dit).items():  # A as trained, B times 1/4 (a power of two: exact)
+        assert torch.equal(sd[f"transformer.{n}.lora_A.weight"], m.lora_A.weight)
+        assert torch.equal(sd[f"transformer.{n}.lora_B.weight"], m.lora_B.weight * 0.25)
 
 
 def test_peft_loads_our_folder(tmp_path):
@@ -384,7 +392,8 @@ def test_round_trip_every_layout(tmp_path):
         fresh = tiny_dit()  # same base weights, no adapters yet
         loaded = load_lora(src, fresh, metadata=meta)
         assert set(loaded) == OFFICIAL, name
-        assert all(m.rank == 4 and m.scaling == 0.5 for m in lora_modules(fresh).values()), name
+        scaling = 1.0 if name.endswith(("file", "folder")) else 0.5  # our exports fold alpha / r = 0.5 into B
+        assert all(m.rank == 4 and m.scaling == scaling for m in lora_modules(fresh).values()), name
         assert {n for n, p in fresh.named_parameters() if p.requires_grad} == \
                {f"{n}.lora_{ab}.weight" for n in OFFICIAL for ab in "AB"}, name
         assert maxdiff(run(fresh, args), want) < 1e-6, name
@@ -423,12 +432,14 @@ def test_comfyui_layout(tmp_path):
     dit = tiny_dit()
     apply_lora(dit, ["attn.to_q"], rank=4, alpha=2)
     apply_lora(dit, ["attn.to_k"], rank=4, alpha=3, use_rslora=True)
+    randomise_b(dit)
     path = save_lora(tmp_path / "c.safetensors", dit, format="comfyui")
     with safe_open(str(path), framework="pt") as f:
         sd = {k: f.get_tensor(k) for k in f.keys()}
     assert all(k.startswith("transformer.") for k in sd)
-    for n, m in lora_modules(dit).items():
-        assert sd[f"transformer.{n}.alpha"].item() / m.rank == pytest.approx(m.scaling)  # ComfyUI: alpha / rank
+    for n, m in lora_modules(dit).items():  # ComfyUI scales by alpha / rank = 1: the scale is in B
+        assert sd[f"transformer.{n}.alpha"].item() == m.rank
+        assert maxdiff(sd[f"transformer.{n}.lora_B.weight"], m.lora_B.weight * m.scaling) == 0  # the same fp32 product
 
 
 def test_atomic_save_leaves_no_temp_files(tmp_path):
