@@ -35,6 +35,8 @@ alpha = rank (scale 1) wherever the format carries an alpha, so a loader that re
     nothing there, so they are read by load_lora but never written.
   - "peft": a folder with `adapter_model.safetensors` (`base_model.model.<module>.lora_A.weight`) and
     `adapter_config.json` (lora_alpha = r), like PeftModel.save_pretrained (the official LongCat-Image recipe's output).
+  - "longcat_video": the official LongCat-Video layout, zero-padded to the release loader's fixed rank 128 (see
+    longcat_video_lora_state_dict), so `pipe.dit.load_lora(path, name)` with its default arguments loads it.
 load_lora also reads kohya keys (`lora_unet_<module_with_underscores>.lora_down/.lora_up/.alpha`), PEFT's
 `.lora_A.default.weight` and bare DiffSynth names. Nothing is unpickled.
 """
@@ -43,6 +45,7 @@ import contextlib
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -374,6 +377,12 @@ def _read(src):
 #   lora_up.blocks.<i>.weight | alpha_scale}; a fused layer (qkv: n=3, kv_linear: n=2) has one down [n*r, in] and n
 #   ups [out/n, r]: output slice i = up_i @ down[i*r:(i+1)*r] @ x, times alpha_scale.
 _LC_PREFIX, _LC_DOT = "lora___lorahyphen___", "___lorahyphen___"
+# The release's loader, LongCatVideoTransformer3DModel.load_lora(path, key, multiplier=1.0, lora_network_dim=128,
+# lora_network_alpha=64) (longcat_video/modules/longcat_video_dit.py, LoRANetwork / LoRAModule in
+# longcat_video/modules/lora_utils.py), builds every module at rank lora_network_dim (down [n*128, in], up_i
+# [out/n, 128]) and load_state_dict(strict=True)s the file into them: the stored alpha_scale buffer replaces the
+# alpha / dim it was built with, but the shapes must be rank 128 exactly. So we write rank 128, zero-padded.
+LONGCAT_VIDEO_LOADER_RANK = 128
 
 
 def is_longcat_video_lora(sd: dict) -> bool:
@@ -382,8 +391,9 @@ def is_longcat_video_lora(sd: dict) -> bool:
 
 def convert_longcat_video_lora(sd: dict) -> dict:
     """Official LongCat-Video LoRA -> `<module>.lora_A.weight / .lora_B.weight / .alpha`. A fused layer's n ups
-    become one block-diagonal B [out, n*r] (exactly the same update), and alpha = alpha_scale * n*r so that our
-    scaling alpha / rank equals the stored alpha_scale."""
+    become one block-diagonal B [out, n*r] (exactly the same update), and alpha = alpha_scale * rank so that our
+    scaling alpha / rank equals the stored alpha_scale. Rank components that contribute nothing (a zero down row or a
+    zero up column: the zero padding of our own exports) are dropped, which changes no product."""
     mods = collections.defaultdict(dict)
     for key, t in sd.items():
         enc, _, part = key[len(_LC_PREFIX):].partition(".")
@@ -392,9 +402,14 @@ def convert_longcat_video_lora(sd: dict) -> dict:
     for mod, p in mods.items():
         ups = [p[f"lora_up.blocks.{i}.weight"] for i in range(len(p)) if f"lora_up.blocks.{i}.weight" in p]
         ups = ups or [p["lora_up.weight"]]
-        down = p["lora_down.weight"]
+        down, up = p["lora_down.weight"], torch.block_diag(*ups)
+        keep = (down != 0).any(dim=1) & (up != 0).any(dim=0) if down.shape[0] == up.shape[1] else None
+        if keep is not None and not keep.all():
+            if not keep.any():
+                keep[0] = True  # an all-zero adapter keeps one (zero) component: rank >= 1
+            down, up = down[keep], up[:, keep]
         out[f"{mod}.lora_A.weight"] = down
-        out[f"{mod}.lora_B.weight"] = torch.block_diag(*ups)
+        out[f"{mod}.lora_B.weight"] = up
         out[f"{mod}.alpha"] = torch.tensor(float(p.get("alpha_scale", torch.tensor(1.0))) * down.shape[0])
     return out
 
@@ -408,22 +423,33 @@ def _fused_parts(name: str) -> int:
     return 3 if name.endswith("attn.qkv") else 2 if name.endswith("kv_linear") else 1
 
 
-def longcat_video_lora_state_dict(model: nn.Module) -> dict:
-    """Our adapters in the official LongCat-Video layout, the exact same update: a fused layer of n slices gets
-    down = [A; A; ...] (n copies, [n*r, in]) and up_i = the i-th row block of B ([out/n, r]), alpha_scale = our
-    scaling, so up_i @ down_i @ x * alpha_scale = (B A x * scaling)[slice i]."""
+def longcat_video_lora_state_dict(model: nn.Module, rank: int = LONGCAT_VIDEO_LOADER_RANK) -> dict:
+    """Our adapters in the official LongCat-Video layout, the same update, loadable by the release's
+    `dit.load_lora(path, name)` with its default lora_network_dim (128). Each module's A [r, in] and folded B
+    (scaling * B, [out, r]) are zero-padded to R = max(rank, every module's r) rank components: A gets R - r zero
+    rows, B R - r zero columns, so B_pad A_pad = B A term for term (the extra terms are exact zeros). A fused layer of
+    n slices gets down = [A_pad; A_pad; ...] (n copies, [n*R, in]) and up_i = the i-th row block of B_pad
+    ([out/n, R]); alpha_scale = 1 (the scale is in the ups: exact in the bf16 the release casts LoRAs to). So
+    up_i @ down_i @ x * alpha_scale = (B A x * scaling)[slice i]. A rank above `rank` cannot be padded down: the file
+    then has rank R and needs dit.load_lora(path, name, lora_network_dim=R) (a warning says so)."""
+    mods = lora_modules(model)
+    R = max([rank, *(m.rank for m in mods.values())])
+    if R > rank:
+        warnings.warn(f"LoRA rank {R} > {rank}: the official LongCat-Video file has rank {R}; load it with "
+                      f"dit.load_lora(path, name, lora_network_dim={R})", stacklevel=3)
     sd = {}
-    for name, m in lora_modules(model).items():
-        a, b, n = m.lora_A.weight.detach(), m.lora_B.weight.detach(), _fused_parts(name)
+    for name, m in mods.items():
+        a, b, n = m.lora_A.weight.detach(), _folded_b(m), _fused_parts(name)
         if b.shape[0] % n:
             raise ValueError(f"{name}: {b.shape[0]} outputs do not split into the official {n} slices")
+        a, b = F.pad(a, (0, 0, 0, R - m.rank)), F.pad(b, (0, R - m.rank))
         key = _LC_PREFIX + name.replace(".", _LC_DOT)
         sd[f"{key}.lora_down.weight"] = torch.cat([a] * n)
         if n == 1:
             sd[f"{key}.lora_up.weight"] = b
         for i, up in enumerate(b.chunk(n) if n > 1 else []):
             sd[f"{key}.lora_up.blocks.{i}.weight"] = up
-        sd[f"{key}.alpha_scale"] = torch.tensor(float(m.scaling))
+        sd[f"{key}.alpha_scale"] = torch.tensor(1.0)
     return sd
 
 

@@ -124,6 +124,44 @@ def trained_video_dit(rank, alpha, use_rslora=False):
     return dit
 
 
+@pytest.mark.parametrize("rank, alpha, rslora", [(4, 8, False), (4, 2, False), (16, 5, True), (128, 64, False)])
+def test_release_pipeline_default_load_lora_takes_our_file_at_the_trained_strength(rank, alpha, rslora, tmp_path):
+    """Item 10: `pipe.dit.load_lora(path, name)` with the default lora_network_dim=128 loads our rank-r file (all 48
+    keys of the 2-block model: 7 layers, qkv in 3 slices, kv_linear in 2) and applies scaling * B @ A."""
+    dit = trained_video_dit(rank, alpha, rslora)
+    sd, _ = read(save_lora(tmp_path / "lora_longcat_video.safetensors", dit, format="longcat_video"))
+    assert len(sd) == 2 * (5 + 3 + 3 + 4 + 3 + 3 + 3) == 48
+    assert_strength(release_load_lora(sd, tiny_video_dit()), dit)
+    # enable_loras casts the LoRA modules, alpha_scale included, to the model dtype: the scale stays exact in bf16
+    assert all(v.to(torch.bfloat16).item() == v.item() for k, v in sd.items() if k.endswith("alpha_scale"))
+
+
+def test_release_pipeline_rank_above_its_default(tmp_path):
+    """A rank above 128 cannot be padded down to the default: the file keeps it, a warning names the call that loads
+    it, and that call applies the trained strength."""
+    dit = trained_video_dit(160, 16)
+    with pytest.warns(UserWarning, match="lora_network_dim=160"):
+        sd, _ = read(save_lora(tmp_path / "big.safetensors", dit, format="longcat_video"))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        release_load_lora(sd, tiny_video_dit())
+    assert_strength(release_load_lora(sd, tiny_video_dit(), lora_network_dim=160), dit)
+
+
+def test_our_loader_reads_the_padded_official_file_back(tmp_path):
+    """load_lora (validate.py --lora, init_lora) drops the zero padding again: rank r per slice, the same output."""
+    dit = trained_video_dit(4, 8)
+    fresh = tiny_video_dit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rank 4: no warning
+        path = save_lora(tmp_path / "lc.safetensors", dit, format="longcat_video")
+    assert len(load_lora(path, fresh)) == 14
+    ranks = {n.rsplit(".", 1)[-1]: m.rank for n, m in lora_modules(fresh).items()}
+    assert ranks == {"qkv": 12, "kv_linear": 8, "proj": 4, "q_linear": 4, "w1": 4, "w2": 4, "w3": 4}
+    for name, m in lora_modules(fresh).items():
+        want = lora_modules(dit)[name].delta_weight()
+        assert (m.delta_weight() - want).abs().max().item() <= STRENGTH_RTOL * want.abs().max().item(), name
+
+
 # -----------------------------------------------------------------------------
 # ComfyUI: comfy/lora.py load_lora + comfy/weight_adapter/lora.py
 
