@@ -28,6 +28,18 @@ def rel_l2(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
+def fp32_attention_tol(q, k):
+    """A bound on the fp32 rel-L2 error of attention's output and gradients, from the inputs alone (not from how
+    accurate this machine's SDPA happens to be). A logit s = q.k / sqrt(D) is rounded to ~eps32 * sum_i |q_i k_i| /
+    sqrt(D) (the standard dot-product error factor), softmax turns that absolute logit error into the same relative
+    error of P, and o, dq, dk, dv all inherit it; x2 for the backward's second pass over P. Measured on AVX2 and
+    AVX-512 CPUs: every error <= 0.4 x eps32 x that factor, so the bound has >= 5x headroom. It still fails a kernel
+    that rounds an operand to bf16 (2^-9 relative: >= 1e-2 here) or drops a block (O(1)). Floor 1e-5 for O(1) logits,
+    where accumulation over the keys dominates (observed <= 4e-7)."""
+    logit_abs = (q.double().abs() @ k.double().abs().transpose(-1, -2)).amax().item() / math.sqrt(q.shape[-1])
+    return max(1e-5, 2 * torch.finfo(torch.float32).eps * logit_abs)
+
+
 def raster_block_ids(grid_thw, chunk_thw):
     """beta(t, y, x) = ((t//ct) * Nh + y//ch) * Nw + x//cw for every raster token (spec longcat_video.md §7.2)."""
     (T, Hp, Wp), (ct, ch, cw) = grid_thw, chunk_thw
@@ -88,6 +100,12 @@ def test_select_blocks_equals_topk_on_pooled_scores(B, H, grid, chunk, sparsity)
     n_sel = max(1, int((1 - sparsity) * n))
     expect = scores.topk(n_sel, dim=-1).indices.sort(dim=-1).values
     assert idx.dtype == torch.long and idx.shape == (B, H, n, n_sel)
+    # exact top-k sets: the fp32 pooled scores are within ~16 eps32 x max|score| (< 1e-5 x) of these fp64 ones and
+    # the smallest gap at the top-k cut here is >= 8e-5 x max|score|, so no near-tie can flip an index on another CPU
+    # (checked, so a new case cannot bring one in)
+    top = scores.topk(min(n_sel + 1, n), dim=-1).values
+    if n_sel < n:
+        assert (top[..., n_sel - 1] - top[..., n_sel]).min() > 1e-5 * scores.abs().max()
     assert torch.equal(idx, expect)
 
 
@@ -132,13 +150,10 @@ def test_torch_path_matches_ref_forward_and_grads(B, H, S, D, block, n_sel, scal
     ref = run(lambda *t: block_sparse_attention_ref(*t, idx, block), torch.float64)
     fp64 = run(lambda *t: block_sparse_attention_torch(*t, idx, block), torch.float64)
     fp32 = run(lambda *t: block_sparse_attention_torch(*t, idx, block), torch.float32)
-    # the fp32 error floor of attention itself: dense SDPA fp32 vs fp64 on the same inputs. At x16 the softmax
-    # saturates and even dense fp32 dq is ~5e-5 off fp64, so the gradient bound is max(1e-5, 2 x that floor).
-    dense = [run(F.scaled_dot_product_attention, dt) for dt in (torch.float32, torch.float64)]
-    for name, a64, a32, r, d32, d64 in zip(["o", "dq", "dk", "dv"], fp64, fp32, ref, *dense):
+    tol = fp32_attention_tol(q, k)
+    for name, a64, a32, r in zip(["o", "dq", "dk", "dv"], fp64, fp32, ref):
         assert rel_l2(a64, r) <= 1e-12, f"{name} fp64"  # same algorithm: exact up to fp64 rounding
-        tol = 1e-5 if name == "o" else max(1e-5, 2 * rel_l2(d32, d64))
-        assert rel_l2(a32, r) <= tol, f"{name} fp32"
+        assert rel_l2(a32, r) <= tol, f"{name} fp32: {rel_l2(a32, r):.2e} > {tol:.2e}"
 
 
 def test_torch_path_threads_are_deterministic(monkeypatch):
@@ -252,7 +267,7 @@ def test_triton_autograd_matches_torch_path():
         fn(*leaves, idx, block).backward(do)
         grads.append([t.grad for t in leaves])
     for a, b in zip(*grads):
-        assert rel_l2(a, b) <= 2e-5  # two fp32 implementations; the torch path (fp32 SDPA) is ~6e-6 off fp64 at x4
+        assert rel_l2(a, b) <= 2 * fp32_attention_tol(q, k)  # two fp32 implementations, each within the bound of fp64
 
 
 def test_triton_forward_never_reads_padding():
@@ -294,12 +309,6 @@ def _grads(fn, q, k, v, do, dtype):
     return [o] + [t.grad for t in leaves]
 
 
-def _fp32_floor(q, k, v, do):
-    """rel-L2 of dense fp32 SDPA grads vs fp64 on the same inputs: the error floor of fp32 attention itself."""
-    d32, d64 = (_grads(F.scaled_dot_product_attention, q, k, v, do, dt) for dt in (torch.float32, torch.float64))
-    return [rel_l2(a, b) for a, b in zip(d32, d64)]
-
-
 @pytest.mark.parametrize("scale", [1.0, 4.0, 16.0])
 @pytest.mark.parametrize("B,H,Sq,Sk,D,block,n_sel", [
     (1, 2, 48, 48, 16, 16, 1),  # top-k = 1, 3 blocks per axis
@@ -316,12 +325,10 @@ def test_triton_backward_matches_ref(B, H, Sq, Sk, D, block, n_sel, scale):
     idx = random_index(B, H, math.ceil(Sq / block), math.ceil(Sk / block), n_sel, gen)
     got = _grads(lambda *t: block_sparse_attention_triton(*t, idx, block), q, k, v, do, torch.float32)
     ref = _grads(lambda *t: block_sparse_attention_ref(*t, idx, block), q, k, v, do, torch.float64)
-    floor = _fp32_floor(q, k, v, do)
-    # fp32 rel-L2 <= 1e-5; at x16 the softmax saturates and fp32 attention itself (dense SDPA) is 2-8e-5 off fp64,
-    # so the bound is max(1e-5, 2 x that floor), as for the torch path above (observed: always below the floor)
-    for name, a, r, f in zip(["o", "dq", "dk", "dv"], got, ref, floor):
+    tol = fp32_attention_tol(q, k)  # 1e-5 at x1, up to ~4e-4 at x16 where the softmax saturates
+    for name, a, r in zip(["o", "dq", "dk", "dv"], got, ref):
         assert torch.isfinite(a).all(), name
-        assert rel_l2(a, r) <= max(1e-5, 2 * f), f"{name}: {rel_l2(a, r):.2e} (fp32 floor {f:.2e})"
+        assert rel_l2(a, r) <= tol, f"{name}: {rel_l2(a, r):.2e} > {tol:.2e}"
 
 
 @pytest.mark.parametrize("scale", [1.0, 4.0, 16.0])
@@ -333,9 +340,9 @@ def test_triton_backward_all_blocks_equals_dense_sdpa(scale):
     idx = torch.arange(n).expand(B, H, n, n)
     got = _grads(lambda *t: block_sparse_attention_triton(*t, idx, block), q, k, v, do, torch.float32)
     ref = _grads(F.scaled_dot_product_attention, q, k, v, do, torch.float64)
-    floor = _fp32_floor(q, k, v, do)
-    for name, a, r, f in zip(["o", "dq", "dk", "dv"], got, ref, floor):
-        assert rel_l2(a, r) <= max(1e-5, 2 * f), f"{name}: {rel_l2(a, r):.2e} (fp32 floor {f:.2e})"
+    tol = fp32_attention_tol(q, k)
+    for name, a, r in zip(["o", "dq", "dk", "dv"], got, ref):
+        assert rel_l2(a, r) <= tol, f"{name}: {rel_l2(a, r):.2e} > {tol:.2e}"
 
 
 def test_triton_backward_fp16_and_deterministic():
