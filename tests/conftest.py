@@ -1,10 +1,24 @@
-"""Test-session setup: Triton interpreter on CPU, offline Hugging Face, markers, seeding.
+"""Test-session setup: Triton interpreter on CPU, offline Hugging Face, markers, seeding, the torchrun launcher.
+
+What the suite assumes of the machine: any x86-64 CPU (any SIMD width: AVX2, AVX-512, or ATen's `default` code
+path), any intra-op thread count (OMP_NUM_THREADS=1, 2, 3, ...) and any load. So a test asserts exact equality only
+between runs of the same ops on the same shapes with the same thread count (resume vs the straight run, a run
+repeated, N processes vs 1 where the code makes them identical, data movement, file round trips). Between different
+computations (our module vs a reference, a prefix vs the whole, chunked vs one shot, fp32 vs fp64, Triton
+interpreter vs torch) it uses a tolerance derived from the computation (fp32 accumulation over K terms, bf16
+rounding, ...), justified where it is written, never from an error measured on one machine. Multi-process tests run
+through `torchrun` below: the rendezvous binds its own port (no port is picked and released first), and the time
+limit grows with the machine's load. `.ci/run` runs the numerics-sensitive files again under other CPU code paths
+(ATEN_CPU_CAPABILITY=default, ONEDNN_MAX_CPU_ISA=AVX2, OMP_NUM_THREADS=1) to catch a machine-specific assumption.
 
 The environment must be set before any project module is imported: `@triton.jit` picks
 interpreter vs compiler when the decorator runs, i.e. when `kernels/*` is imported.
 See shared/specs/kernels.md §5 and shared/specs/environment.md §12.
 """
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -68,6 +82,35 @@ if triton.knobs.runtime.interpret and _orig_convert_float and _orig_create_dot:
     _fixed_create_dot.__wrapped__ = _orig_create_dot
     _interp._convert_float = _fixed_convert_float
     _interp.InterpreterBuilder.create_dot = _fixed_create_dot
+
+
+# --- multi-process tests -----------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_torchrun(nproc: int, script, *argv, timeout: float = 300.0) -> str:
+    """`torchrun --standalone` on this machine: the rendezvous store binds port 0 and the workers reuse it, so two
+    tests (or another program) can never race for a port picked in advance. Each worker runs one thread (the runs
+    compared against it are written for that). `timeout` is for an idle 2-core machine; it grows with the load
+    average per core, so a busy machine (pytest -n 2 plus these processes) slows a run down but does not fail it.
+    Returns stdout; a failure shows the end of both streams."""
+    load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    limit = timeout * min(8.0, max(1.0, load) * max(1.0, nproc / (os.cpu_count() or 1)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
+           *map(str, argv)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    try:
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit, env=env)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"torchrun ran past {limit:.0f} s (load {load:.1f} per core): {e.stdout!s:.2000}") from e
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """The launcher above, as a fixture (tests never import each other or conftest)."""
+    return run_torchrun
 
 
 # --- markers and seeding ---------------------------------------------------------------------

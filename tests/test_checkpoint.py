@@ -2,9 +2,6 @@
 import ast
 import json
 import random
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -262,22 +259,9 @@ cleanup()
 """
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_torchrun_two_process_gloo(tmp_path):
+def test_torchrun_two_process_gloo(tmp_path, torchrun):
     script = tmp_path / "smoke.py"
     script.write_text(textwrap.dedent(SMOKE.format(repo=str(REPO))))
-    for attempt in range(3):  # a free port can be taken between probing and binding: retry with another
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(script), str(tmp_path / "out")]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-        out = r.stdout + r.stderr
-        if r.returncode == 0 or "address already in use" not in out.lower():
-            break
-    assert r.returncode == 0, out[-4000:]
+    out = torchrun(2, script, tmp_path / "out", timeout=120)
     assert out.count("PRINT0 LINE") == 1 and "RANK DONE 0" in out and "RANK DONE 1" in out, out[-4000:]

@@ -8,7 +8,6 @@ This file is also the worker the equivalence test launches:
     torchrun --nproc_per_node N tests/test_context_parallel.py OUT_DIR CP_SIZE
 """
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -107,19 +106,10 @@ def test_split_hw_is_the_release_tiling():
     assert [split_hw(n) for n in (1, 2, 4, 6, 8)] == [(1, 1), (1, 2), (2, 2), (2, 3), (2, 4)]
 
 
-def run_torchrun(nproc: int, *argv):
-    from tests.test_train_image import free_port
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           *argv]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-
-
 @pytest.mark.parametrize("world, cp_size", [(2, 2), (4, 2)])
-def test_dit_outputs_and_gradients_match_one_process(tmp_path, world, cp_size):
+def test_dit_outputs_and_gradients_match_one_process(tmp_path, world, cp_size, torchrun):
     from safetensors.torch import load_file
-    run_torchrun(world, str(Path(__file__)), str(tmp_path), str(cp_size))
+    torchrun(world, Path(__file__), tmp_path, cp_size)
     ref = {name: forward_backward(name) for name in CASES}
     assert (ref["bsa"][0] - ref["dense"][0]).abs().max() > 1e-2  # block-sparse attention really ran
     ref_cont = continuation()
@@ -164,14 +154,14 @@ def world(tmp_path_factory):
                 backend=write_i2v_backend(str(root / "i2v.json"), clips, starts, str(root / "cache"), num_frames=13))
 
 
-def test_train_video_context_parallel_matches_one_process(world, tmp_path):
+def test_train_video_context_parallel_matches_one_process(world, tmp_path, torchrun):
     import train_video
     from tests.test_train_image import assert_runs_match
     from tests.test_train_video import args
     one, two = tmp_path / "one", tmp_path / "two"
     kw = dict(train_batch_size=2, max_train_steps=3, checkpoint_step_interval=0)
     train_video.main(args(world, one, **kw))
-    run_torchrun(2, str(REPO / "train_video.py"), *args(world, two, context_parallel_size=2, **kw))
+    torchrun(2, REPO / "train_video.py", *args(world, two, context_parallel_size=2, **kw))
     assert_runs_match(one, two, steps=3)
 
 

@@ -5,10 +5,7 @@ reproduces the straight 6-step run exactly, and 1 process resumes it too (DCP re
 safetensors + JSON, and its manifest catches a damaged shard; bad settings fail at start-up.
 """
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_image
-from test_train_image import REPO, args, free_port, losses, world  # noqa: F401  (world: the shared module fixture)
+from test_train_image import REPO, args, losses, world  # noqa: F401  (world: the shared module fixture)
 
 
 def fsdp_args(world, out, **kw):  # noqa: F811
@@ -28,22 +25,14 @@ def fsdp_args(world, out, **kw):  # noqa: F811
     return args(world, out, **{**base, **kw})
 
 
-def torchrun(argv):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(REPO / "train_image.py"), *argv]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r.stdout
-
-
 @pytest.fixture(scope="module")
-def two(world, tmp_path_factory):  # noqa: F811
+def two(world, tmp_path_factory, torchrun):  # noqa: F811
     """The straight 2-process FSDP run: 6 steps, sharded checkpoints at 3 and 6. Validation is asked for and turned
     off with a note (rank 0 alone cannot run the sharded model)."""
     out = tmp_path_factory.mktemp("fsdp") / "two"
-    log = torchrun(fsdp_args(world, out, train_batch_size=1, validation_disable=False, validation_prompt="a square",
-                             validation_step_interval=3, validation_resolution="32x32"))
+    log = torchrun(2, REPO / "train_image.py", *fsdp_args(world, out, train_batch_size=1, validation_disable=False,
+                                                         validation_prompt="a square", validation_step_interval=3,
+                                                         validation_resolution="32x32"))
     assert "no validation images under distributed_strategy fsdp" in log and not (out / "validation").exists()
     return out
 
@@ -90,14 +79,14 @@ def test_two_processes_match_one(world, two, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_resume_from_the_sharded_checkpoint_is_exact(world, two, tmp_path):  # noqa: F811
+def test_resume_from_the_sharded_checkpoint_is_exact(world, two, tmp_path, torchrun):  # noqa: F811
     """Steps 1-3 come from the straight run's checkpoint-3 (what a 3-step run leaves: the LR does not depend on the
     length), then 2 fresh processes resume it for steps 4-6."""
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(two / "checkpoint-3", resumed / "checkpoint-3")
     shutil.copy(two / "metrics.jsonl", resumed / "metrics.jsonl")  # resume keeps steps <= 3 and rewrites the rest
-    log = torchrun(fsdp_args(world, resumed, train_batch_size=1))
+    log = torchrun(2, REPO / "train_image.py", *fsdp_args(world, resumed, train_batch_size=1))
     assert "resumed from" in log
     assert losses(resumed) == losses(two)
     for folder in ("transformer", "transformer_ema"):

@@ -7,9 +7,6 @@ Regenerate the golden curve on purpose with LONGCAT_UPDATE_GOLDEN=1 and review t
 """
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -121,21 +118,11 @@ def test_corrupt_latest_checkpoint_falls_back(world, tmp_path, capsys):
     assert "checkpoint-3" in log.out.split("resumed from", 1)[1].splitlines()[0]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_processes_match_one(world, tmp_path):
+def test_two_processes_match_one(world, tmp_path, torchrun):
     one, two = tmp_path / "one", tmp_path / "two"
     train_image.main(args(world, one, train_batch_size=2, max_train_steps=4, lora_dropout=0.0))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(REPO / "train_image.py"), *args(world, two, train_batch_size=1, max_train_steps=4, lora_dropout=0.0)]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun(2, REPO / "train_image.py", *args(world, two, train_batch_size=1, max_train_steps=4, lora_dropout=0.0))
     assert_runs_match(one, two, steps=4)
 
 

@@ -6,8 +6,6 @@ the official LongCat-Video layout), bad input fails at start-up.
 """
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -144,15 +142,10 @@ def test_resume_reproduces_the_uninterrupted_run(world, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(world, tmp_path):
-    from tests.test_train_image import free_port
+def test_two_processes_match_one(world, tmp_path, torchrun):
     one, two = tmp_path / "one", tmp_path / "two"
     train_video.main(args(world, one, train_batch_size=2, max_train_steps=4))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(REPO / "train_video.py"), *args(world, two, train_batch_size=1, max_train_steps=4)]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun(2, REPO / "train_video.py", *args(world, two, train_batch_size=1, max_train_steps=4))
     assert_runs_match(one, two, steps=4)
 
 
