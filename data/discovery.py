@@ -455,7 +455,7 @@ def discover(specs: list, *, seed: int = 0, alignment: int = 64, is_edit: bool =
             reason = reason or planner.too_small(f.size)
             if not reason:
                 geom = planner.plan(f.size, f.rel)
-                reason = planner.aspect_out_of_range(geom)
+                reason = planner.aspect_out_of_range(geom) or planner.too_large(f.size, geom)
             if not reason and cond:
                 reason = reference_problem(ref, why, ref_planner)
             rows.append([f, reason, caption, geom, ref])
