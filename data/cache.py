@@ -3,7 +3,8 @@ On-disk caches for VAE latents and prompt embeddings: one safetensors file per e
 that decides its content, so a changed source, crop, bucket, model or dtype gives a new file and a stale one is never
 read (see ../shared/specs/vae_and_data.md §3.6-§3.7, §5.1, §6.4).
 
-Latents: key = (format, dataset_id, rel path *with* extension, source fingerprint (size-mtime), geometry (bucket,
+Latents: key = (format, dataset_id, rel path *with* extension, source fingerprint (size + a blake2b hash of the
+file's bytes, read once per file per run: content_fingerprint), geometry (bucket,
 resize, crop), for clips the frame sampling (frames, fps, start), VAE identity, storage dtype) -> cache_dir/<dataset_id>/<rel without ext>-<sha256(key)[:12]>.safetensors,
 mirroring the source sub-folders. The file holds the posterior `mean` and `logvar` [C, h, w], not a latent draw, so
 sample (official trainer) or mode (inference references) stays a load-time choice (§1.3): see latents_from_cache.
@@ -67,6 +68,21 @@ def files_fingerprint(path) -> str:
         st = p.stat()
         out.append(f"{p.name if p == root else p.relative_to(root).as_posix()}:{st.st_size}:{st.st_mtime_ns}")
     return "|".join(out)
+
+
+_CONTENT_MEMO = {}  # (path, size, mtime_ns, ctime_ns, inode) -> digest, this process only: never trusted across runs
+
+
+def content_fingerprint(path, st: os.stat_result | None = None) -> str:
+    """'<size>-<blake2b-128 of the bytes>' of a source file: what the latent keys use, so a same-size replacement
+    with its mtime put back is still a new key. Read once per file per process (memoised by path, size, mtime_ns,
+    ctime_ns (which no utime can put back) and inode, within the run only)."""
+    st = st or os.stat(path)
+    memo = (os.fspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if memo not in _CONTENT_MEMO:
+        with open(path, "rb") as f:
+            _CONTENT_MEMO[memo] = hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+    return f"{st.st_size}-{_CONTENT_MEMO[memo]}"
 
 
 def model_identity(config: dict, *weights: str) -> str:

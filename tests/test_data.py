@@ -520,3 +520,22 @@ def test_extreme_aspect_is_excluded_not_a_giant_bucket(tmp_path):
     wide.resolution, wide.maximum_aspect_ratio = 1024, 1000.0
     planner = BucketPlanner(wide)
     assert "MP limit" in planner.too_large((20000, 20), planner.plan((20000, 20), "e"))
+
+
+def test_cache_key_follows_content_not_mtime(tmp_path):
+    """Issue 15 item 8: a same-size replacement with its mtime put back used to keep the (size, mtime) fingerprint,
+    so the stale latent was reused; the fingerprint is now a hash of the bytes, and so is the cache key."""
+    from data.cache import LatentCache, content_fingerprint
+    d, out = tmp_path / "data", tmp_path / "out"
+    _img(str(d / "a.bmp"), colour=(200, 30, 30))  # BMP: the file size depends on the pixel count only
+    (spec,) = parse_datasets([_entry(d)], log=_quiet)
+    before = discover([spec], output_dir=str(out), log=_quiet).all_samples()[0]
+    st = os.stat(d / "a.bmp")
+    _img(str(d / "a.bmp"), colour=(30, 200, 30))
+    os.utime(d / "a.bmp", ns=(st.st_atime_ns, st.st_mtime_ns))
+    now = os.stat(d / "a.bmp")
+    assert (now.st_size, now.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    after = discover([spec], output_dir=str(out), log=_quiet).all_samples()[0]  # through the discovery cache too
+    cache = LatentCache(tmp_path / "cache", "vae", dtype=torch.float32)
+    assert after.fingerprint != before.fingerprint and cache.path_for(after) != cache.path_for(before)
+    assert after.fingerprint == content_fingerprint(d / "a.bmp") and after.fingerprint.startswith(f"{st.st_size}-")
