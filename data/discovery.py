@@ -319,6 +319,15 @@ class DataIndex:
         return "\n".join(lines)
 
 
+def add_to_report(path: Optional[str], key: str, value) -> None:
+    """Add one section (e.g. "cache_pruned") to an existing data_report.json."""
+    if path and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+        report[key] = value
+        atomic_write_json(path, report)
+
+
 def _counts(spec, files, excluded_here, usable) -> dict:
     return {"role": spec.dataset_type, "instance_data_dir": spec.instance_data_dir, "found": len(files),
             "usable": usable, "excluded": dict(sorted(Counter(reason_code(r) for _, r in excluded_here).items()))}
