@@ -3,9 +3,8 @@ On-disk caches for VAE latents and prompt embeddings: one safetensors file per e
 that decides its content, so a changed source, crop, bucket, model or dtype gives a new file and a stale one is never
 read (see ../shared/specs/vae_and_data.md §3.6-§3.7, §5.1, §6.4).
 
-Latents: key = (format, dataset_id, rel path *with* extension, source fingerprint (size + a blake2b hash of the
-file's bytes, read once per file per run: content_fingerprint), geometry (bucket,
-resize, crop), for clips the frame sampling (frames, fps, start), VAE identity, storage dtype) -> cache_dir/<dataset_id>/<rel without ext>-<sha256(key)[:12]>.safetensors,
+Latents: key = (format, dataset_id, rel path *with* extension, source fingerprint (size + content hash), geometry
+(bucket, resize, crop), for clips the frame sampling (frames, fps, start), VAE identity, storage dtype) -> cache_dir/<dataset_id>/<rel without ext>-<sha256(key)[:12]>.safetensors,
 mirroring the source sub-folders. The file holds the posterior `mean` and `logvar` [C, h, w], not a latent draw, so
 sample (official trainer) or mode (inference references) stays a load-time choice (§1.3): see latents_from_cache.
 Text: key = (format, template kind "t2i"|"edit"|"umt5", caption, text-model identity, dtype, and for Edit the reference
