@@ -185,6 +185,9 @@ def main(argv):
                            kind="edit" if is_edit else "t2i")
     samples = index.all_samples()
     images = samples + [s.conditioning for s in samples if s.conditioning is not None]
+    if dist.is_main:  # temp files of dead runs, latents of deleted or changed files: listed in data_report.json
+        from data.cache import prune_at_startup
+        prune_at_startup(latent_cache, [text_cache], images, report=index.report_path, log=print0)
     vae_fn = vae_compute_fn(vae, pixels)
     for ds in sorted({s.dataset_id for s in images}):
         latent_cache[ds].build([s for s in images if s.dataset_id == ds], vae_fn, batch_size=cfg.vae_batch_size,

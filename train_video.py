@@ -244,6 +244,9 @@ def main(argv):
     samples = index.all_samples()
     starts = [s.conditioning for s in samples if s.conditioning is not None]  # I2V start-frame images
     start_ids = {s.dataset_id for s in starts}
+    if dist.is_main:  # temp files of dead runs, latents of deleted or changed files: listed in data_report.json
+        from data.cache import prune_at_startup
+        prune_at_startup(latent_cache, [text_cache], samples + starts, report=index.report_path, log=print0)
     vae_fn = vae_compute_fn(vae, lambda s: load_start_frame(s) if s.dataset_id in start_ids else load_clip(s))
     for ds in sorted({s.dataset_id for s in samples + starts}):
         latent_cache[ds].build([s for s in samples + starts if s.dataset_id == ds], vae_fn,

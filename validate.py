@@ -108,23 +108,28 @@ def check(cfg: ValidateConfig):
         raise ConfigError(f"lora not found: {cfg.lora}")
 
 
+def read_validation_image(path):
+    """--validation_image through the training loader (data/images.py: EXIF-upright, alpha over white, 16-bit
+    scaled), so a reference looks the same here as in training; an unusable file is one ConfigError naming it."""
+    from data.images import BadSample, load_image
+    try:
+        return load_image(path)
+    except BadSample as e:
+        raise ConfigError(f"validation_image {path}: cannot use it as an image ({e.detail})") from None
+
+
 def main(argv):
     cfg = load_config(ValidateConfig, argv)
     check(cfg)
     if cfg.model_family == "longcat_video":
         return main_video(cfg, argv)
-    from PIL import Image, ImageOps
-
     from model.loading import load_longcat_image
     from model.pipeline_image import SamplingOptions
     from model.text_qwen import QUOTE_PAIRS_DIFFUSERS, QUOTE_PAIRS_OFFICIAL
 
     reference = None
     if cfg.model_flavour == "edit":
-        try:
-            reference = ImageOps.exif_transpose(Image.open(cfg.validation_image)).convert("RGB")
-        except OSError as e:
-            raise ConfigError(f"validation_image {cfg.validation_image}: cannot read it as an image ({e})") from None
+        reference = read_validation_image(cfg.validation_image)
 
     t0 = time.time()
     m = load_longcat_image(cfg.pretrained_model_name_or_path, cfg.model_flavour, device=cfg.device,
@@ -149,8 +154,6 @@ def main(argv):
 
 def main_video(cfg: ValidateConfig, argv):
     """LongCat-Video: T2V, or I2V from --validation_image; writes an MP4 (and PNG frames with --save_frames)."""
-    from PIL import Image, ImageOps
-
     from config import parse_argv, read_json_config
     from model.loading import load_longcat_video
     raw = parse_argv(list(argv))
@@ -160,10 +163,7 @@ def main_video(cfg: ValidateConfig, argv):
               "the Qwen2.5-VL named in the config / quickstart does not fit this model")
     image = None
     if cfg.validation_image:
-        try:
-            image = ImageOps.exif_transpose(Image.open(cfg.validation_image)).convert("RGB")
-        except OSError as e:
-            raise ConfigError(f"validation_image {cfg.validation_image}: cannot read it as an image ({e})") from None
+        image = read_validation_image(cfg.validation_image)
     t0 = time.time()
     m = load_longcat_video(cfg.pretrained_model_name_or_path, device=cfg.device, dtype=DTYPES[cfg.dtype])
     print(f"loaded {m.path} on {m.device} in {m.dtype} in {time.time() - t0:.1f}s")

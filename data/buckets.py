@@ -43,6 +43,8 @@ ALIGNMENTS = (8, 16, 24, 32, 64)  # SimpleTuner's --aspect_bucket_alignment choi
 LATENT_MULTIPLE = 16  # LongCat: 8x VAE downsampling, then 2x2 patchify
 ASPECT_DIGITS = 2  # --aspect_bucket_rounding default
 AREA_SNAP = {0.25: 512, 0.5: 768, 1.0: 1024, 2.0: 1536, 4.0: 2048}  # megapixels -> square edge
+MAX_BUCKET_ASPECT = 8.0  # buckets beyond 8:1 (or 1:8) are excluded unless maximum/minimum_aspect_ratio say otherwise
+MAX_BUCKET_PIXELS = 4096 * 4096  # no bucket (or upscaled intermediary) above this, whatever the settings
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ def square_edge(megapixels: float, alignment: int) -> int:
 
 def target_size(aspect: float, resolution: float, resolution_type: str, alignment: int) -> tuple:
     """Bucket (W, H) for a rounded aspect. `pixel`: R is the short edge in px; `area`: R in megapixels."""
+    aspect = max(aspect, 10 ** -ASPECT_DIGITS)  # taller than 200:1 rounds to 0; too_large then excludes it
     if resolution_type == "pixel":
         if aspect < 1:
             w, h = resolution, int(resolution / aspect)
@@ -160,6 +163,20 @@ class BucketPlanner:
         a, lo, hi = aspect_key(geom.bucket), self.spec.minimum_aspect_ratio, self.spec.maximum_aspect_ratio
         if (lo and a < lo) or (hi and a > hi):
             return f"aspect_out_of_range: bucket aspect {a} is outside [{lo or 0:g}, {hi or 'inf'}]"
+        return None
+
+    def too_large(self, size: tuple, geom: Geometry) -> Optional[str]:
+        """Exclusion reason when the bucket is beyond MAX_BUCKET_ASPECT (unless minimum/maximum_aspect_ratio allow
+        it) or MAX_BUCKET_PIXELS, or the image would be upscaled past MAX_BUCKET_PIXELS (extreme aspects in `pixel`
+        mode, where R is the short edge: a 20000x20 image at 1024 would be a 1024000x1024 bucket)."""
+        (w, h), (rw, rh) = geom.bucket, geom.resize
+        top, bottom = self.spec.maximum_aspect_ratio or MAX_BUCKET_ASPECT, self.spec.minimum_aspect_ratio or 0
+        bottom = bottom or 1 / MAX_BUCKET_ASPECT
+        why = f"bucket_too_large: {size[0]}x{size[1]} would train as a {w}x{h} bucket"
+        if w / h > top or w / h < bottom:
+            return f"{why}, aspect {w / h:.3g} beyond [{bottom:.3g}, {top:g}] (set minimum/maximum_aspect_ratio)"
+        if w * h > MAX_BUCKET_PIXELS or rw * rh > max(MAX_BUCKET_PIXELS, size[0] * size[1]):
+            return f"{why} resized from {rw}x{rh}, over the {MAX_BUCKET_PIXELS / 1e6:.1f} MP limit"
         return None
 
     def _too_large(self, size: tuple) -> bool:

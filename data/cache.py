@@ -3,8 +3,8 @@ On-disk caches for VAE latents and prompt embeddings: one safetensors file per e
 that decides its content, so a changed source, crop, bucket, model or dtype gives a new file and a stale one is never
 read (see ../shared/specs/vae_and_data.md §3.6-§3.7, §5.1, §6.4).
 
-Latents: key = (format, dataset_id, rel path *with* extension, source fingerprint (size-mtime), geometry (bucket,
-resize, crop), for clips the frame sampling (frames, fps, start), VAE identity, storage dtype) -> cache_dir/<dataset_id>/<rel without ext>-<sha256(key)[:12]>.safetensors,
+Latents: key = (format, dataset_id, rel path *with* extension, source fingerprint (size + content hash), geometry
+(bucket, resize, crop), for clips the frame sampling (frames, fps, start), VAE identity, storage dtype) -> cache_dir/<dataset_id>/<rel without ext>-<sha256(key)[:12]>.safetensors,
 mirroring the source sub-folders. The file holds the posterior `mean` and `logvar` [C, h, w], not a latent draw, so
 sample (official trainer) or mode (inference references) stays a load-time choice (§1.3): see latents_from_cache.
 Text: key = (format, template kind "t2i"|"edit"|"umt5", caption, text-model identity, dtype, and for Edit the reference
@@ -21,9 +21,12 @@ re-encodes and rewrites any bad entry on the spot. Writes are atomic (temp file 
 complete one and a re-run of build resumes. Differs from SimpleTuner: its VAE key is the file stem only (no content,
 size, crop or model), which silently reuses stale latents after an in-place edit or a resolution change.
 """
+import atexit
 import hashlib
 import json
 import os
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Optional
@@ -37,6 +40,10 @@ from checkpoint import TMP_MARK, atomic_write_bytes
 from model.vae_image import latents_from_moments
 
 FORMAT = 1  # bump when the payload or key layout changes: every old file becomes a miss
+TMP_MIN_AGE_S = 300  # a dead process's temp file this old is garbage (a live write keeps touching its temp file)
+TMP_MAX_AGE_S = 86400  # no atomic write lasts a day: older temp files go even if their PID is alive (reused)
+RUN_MARK_MAX_AGE_S = 3 * 86400  # another host's run marker counts as live this long (its PID cannot be checked)
+RUNS_DIR = ".runs"  # <cache root>/.runs/<host>-<pid>: the runs using the cache now (orphans are kept while others run)
 
 
 class CacheError(RuntimeError):
@@ -67,6 +74,21 @@ def files_fingerprint(path) -> str:
         st = p.stat()
         out.append(f"{p.name if p == root else p.relative_to(root).as_posix()}:{st.st_size}:{st.st_mtime_ns}")
     return "|".join(out)
+
+
+_CONTENT_MEMO = {}  # (path, size, mtime_ns, ctime_ns, inode) -> digest, this process only: never trusted across runs
+
+
+def content_fingerprint(path, st: os.stat_result | None = None) -> str:
+    """'<size>-<blake2b-128 of the bytes>' of a source file: what the latent keys use, so a same-size replacement
+    with its mtime put back is still a new key. Read once per file per process (memoised by path, size, mtime_ns,
+    ctime_ns (which no utime can put back) and inode, within the run only)."""
+    st = st or os.stat(path)
+    memo = (os.fspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if memo not in _CONTENT_MEMO:
+        with open(path, "rb") as f:
+            _CONTENT_MEMO[memo] = hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+    return f"{st.st_size}-{_CONTENT_MEMO[memo]}"
 
 
 def model_identity(config: dict, *weights: str) -> str:
@@ -238,6 +260,86 @@ class _Cache:
         return stale
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def dead_temp_files(folder, now: float | None = None) -> list:
+    """Temp files of atomic writes (`.<name>.tmp-<pid>`) under `folder` that no live writer can own: their PID is
+    dead on this host and they are over TMP_MIN_AGE_S old (so another host's writer is done with them too), or
+    they are over TMP_MAX_AGE_S old."""
+    folder, now, out = Path(folder), time.time() if now is None else now, []
+    for p in sorted(folder.rglob(f"*{TMP_MARK}*")) if folder.is_dir() else []:
+        pid = p.name.rpartition(TMP_MARK)[2]
+        try:
+            age = now - p.lstat().st_mtime
+        except OSError:
+            continue
+        dead = pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+        if p.is_file() and (age > TMP_MAX_AGE_S or (dead and age > TMP_MIN_AGE_S)):
+            out.append(p)
+    return out
+
+
+def _claim(root) -> list:
+    """Mark `root` as used by this run (removed at exit); returns the markers of OTHER runs using it now (same
+    host: a live PID; another host: younger than RUN_MARK_MAX_AGE_S). A dead same-host marker is removed."""
+    runs, host = Path(root) / RUNS_DIR, socket.gethostname()
+    runs.mkdir(parents=True, exist_ok=True)
+    mine = runs / f"{host}-{os.getpid()}"
+    if not mine.exists():
+        mine.touch()
+        atexit.register(lambda: mine.unlink(missing_ok=True))
+    others = []
+    for m in sorted(runs.iterdir()):
+        m_host, _, pid = m.name.rpartition("-")
+        if m == mine:
+            continue
+        if m_host != host:
+            try:
+                if time.time() - m.stat().st_mtime < RUN_MARK_MAX_AGE_S:
+                    others.append(m.name)
+            except OSError:
+                pass
+        elif pid.isdigit() and _pid_alive(int(pid)):
+            others.append(m.name)
+        else:
+            m.unlink(missing_ok=True)
+    return others
+
+
+def prune_at_startup(latent_caches: dict, text_caches: list, samples: list, report: Optional[str] = None,
+                     log=print) -> list:
+    """Start-up clean-up (rank 0): temp files of dead processes in every cache folder, and latent entries whose
+    source file is gone or has other content now (LatentCache.orphans; skipped while another run uses the same
+    cache folder). Never touches an entry a current sample maps to. Prints the count, adds the list to
+    data_report.json (`report`) under "cache_pruned", and returns it as [{"path", "reason"}]."""
+    gone, skipped = [], []
+    for ds, cache in sorted(latent_caches.items()):
+        mine = [s for s in samples if s.dataset_id == ds]
+        others = _claim(cache.root)
+        if others and mine:
+            skipped.append(f"{cache.root}: orphans kept while other runs use it ({', '.join(others)})")
+        elif mine:
+            gone += [(p, why) for p, why in cache.orphans(mine)]
+    for root in sorted({c.root for c in [*latent_caches.values(), *text_caches]}):
+        gone += [(p, "temp_file: left by a dead process") for p in dead_temp_files(root)]
+    for p, _ in gone:
+        p.unlink(missing_ok=True)
+    listed = [{"path": str(p), "reason": why} for p, why in gone]
+    log(f"cache: removed {len(gone)} orphaned or temp file(s)" + (f"; {'; '.join(skipped)}" if skipped else ""))
+    if report:
+        from data.discovery import add_to_report  # the report's owner
+        add_to_report(report, "cache_pruned", {"removed": listed, "skipped": skipped})
+    return listed
+
+
 class LatentCache(_Cache):
     """VAE posterior moments per prepared image. compute_fn(samples) -> (mean, logvar), each [B, C, h, w]."""
 
@@ -257,6 +359,31 @@ class LatentCache(_Cache):
 
     def _scope(self, samples):  # only the folders of the datasets given: other datasets' caches are left alone
         return sorted({self.root / _safe_rel(s.dataset_id) for s in samples})
+
+    def orphans(self, samples) -> list:
+        """[(path, reason)] of the complete entries in the folders of `samples`' datasets whose source file (by the
+        key in their header) is gone, or has other content than the current sample of that path. Entries of
+        unchanged files are kept whatever their geometry or model (another config may use them), and so is any
+        file a sample maps to, any file whose header does not parse (build rewrites it) and any temp file."""
+        keep = {self.path_for(s) for s in samples}
+        current = {(s.dataset_id, PurePosixPath(s.rel).as_posix()): s.fingerprint for s in samples}
+        roots = {s.dataset_id: Path(s.path).parents[len(_safe_rel(s.rel).parts) - 1] for s in samples}
+        out = []
+        for p in (p for d in self._scope(samples) if d.is_dir() for p in sorted(d.rglob("*.safetensors"))):
+            if p in keep or not p.is_file() or p.name.startswith("."):
+                continue
+            try:
+                with safe_open(str(p), "pt") as f:
+                    src = json.loads((f.metadata() or {}).get("key", "{}"))["source"]
+                ds, rel, fp = src["dataset_id"], src["rel"], src["fingerprint"]
+                source = roots[ds] / _safe_rel(rel) if ds in roots else None
+            except (SafetensorError, OSError, ValueError, KeyError, TypeError):
+                continue
+            if (ds, rel) in current and current[(ds, rel)] != fp:
+                out.append((p, f"stale_latent: {rel} has other content now"))
+            elif (ds, rel) not in current and source is not None and not os.path.lexists(source):
+                out.append((p, f"orphan_latent: {rel} is gone from dataset {ds}"))
+        return out
 
 
 class TextCache(_Cache):

@@ -157,7 +157,7 @@ def discover_videos(specs: list, *, seed: int = 0, alignment: int = 64, output_d
                 frames, reason = clip_frames(video, available_frames(f.info, video.fps))
             if not reason:
                 geom = planner.plan(f.size, f.rel)
-                reason = planner.aspect_out_of_range(geom)
+                reason = planner.aspect_out_of_range(geom) or planner.too_large(f.size, geom)
             if not reason and cond:
                 reason = reference_problem(ref, why, ref_planner)
             rows.append([f, reason, caption, geom, ref, frames])

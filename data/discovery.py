@@ -10,7 +10,7 @@ Follows SimpleTuner's data path (shared/specs/vae_and_data.md §3.2-3.4, §3.8, 
     folders that sit inside a dataset folder are skipped, so written images never become training data.
   - Every image is decoded once (a thread pool; `verify_images=False` reads headers only) so corrupt and truncated
     files are excluded at start-up, not at step 3000. Results are cached in `output_dir/discovery_cache.json`,
-    keyed by path and fingerprint (size + mtime_ns), so a restart only decodes new or changed files.
+    keyed by path and fingerprint (size + a hash of the bytes), so a restart only decodes new or changed files.
   - Captions: `textfile` (`<stem>.txt`, one variant per non-empty line unless `disable_multiline_split`;
     a missing file EXCLUDES the image, where SimpleTuner aborts), `filename` (stem, `_` -> space),
     `instanceprompt`, and `parquet` (a .jsonl / .json / .csv table, or .parquet with pyarrow, looked up by relative
@@ -41,6 +41,7 @@ from typing import Callable, NamedTuple, Optional, Union
 
 from checkpoint import atomic_write_json
 from data.buckets import BucketPlanner, Geometry, bucket_label, check_alignment, format_bucket_table
+from data.cache import content_fingerprint
 from data.images import IMAGE_EXTENSIONS, BadSample, image_size, probe_image
 
 JUNK_DIRS = {"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information", "__pycache__", "lost+found"}
@@ -73,7 +74,7 @@ class Sample:
     width: int
     height: int
     geometry: Geometry
-    fingerprint: str  # f"{st_size}-{st_mtime_ns}" of the source file
+    fingerprint: str  # f"{st_size}-{content hash}" of the source file (data.cache.content_fingerprint)
     conditioning: Optional["Sample"] = None  # the edit reference or I2V start frame, with this sample's geometry
     frames: Optional[int] = None  # video: F, the frames of one training clip (4k+1)
     fps: Optional[float] = None  # video: the rate frames are sampled at (read_video's fps); None: the file's own
@@ -147,11 +148,10 @@ def _scan(listed: list, verify: bool, cache: dict, log: Callable = print, name: 
         f = record(rel, path)
         files.append(f)
         try:
-            st = os.stat(path)
-        except OSError as e:  # e.g. a dangling symlink
+            f.fingerprint = content_fingerprint(path, os.stat(path))  # size + hash of the bytes: keys follow content
+        except OSError as e:  # e.g. a dangling symlink, no read permission
             f.error = f"unreadable: {type(e).__name__}: {e}"
             continue
-        f.fingerprint = f"{st.st_size}-{st.st_mtime_ns}"
         hit = cache.get(path)
         if hit and hit.get("fingerprint") == f.fingerprint and record.FIELD in hit and (hit["verified"] or not verify):
             f.set(hit[record.FIELD])
@@ -319,6 +319,15 @@ class DataIndex:
         return "\n".join(lines)
 
 
+def add_to_report(path: Optional[str], key: str, value) -> None:
+    """Add one section (e.g. "cache_pruned") to an existing data_report.json."""
+    if path and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+        report[key] = value
+        atomic_write_json(path, report)
+
+
 def _counts(spec, files, excluded_here, usable) -> dict:
     return {"role": spec.dataset_type, "instance_data_dir": spec.instance_data_dir, "found": len(files),
             "usable": usable, "excluded": dict(sorted(Counter(reason_code(r) for _, r in excluded_here).items()))}
@@ -455,7 +464,7 @@ def discover(specs: list, *, seed: int = 0, alignment: int = 64, is_edit: bool =
             reason = reason or planner.too_small(f.size)
             if not reason:
                 geom = planner.plan(f.size, f.rel)
-                reason = planner.aspect_out_of_range(geom)
+                reason = planner.aspect_out_of_range(geom) or planner.too_large(f.size, geom)
             if not reason and cond:
                 reason = reference_problem(ref, why, ref_planner)
             rows.append([f, reason, caption, geom, ref])

@@ -34,6 +34,19 @@ class WeightsError(RuntimeError):
     """A folder or file that cannot be turned into the model: the message says what to fix."""
 
 
+def require_safetensors(folder) -> Path:
+    """A transformers model folder, checked before from_pretrained(use_safetensors=True): one that holds only pickle
+    weights (pytorch_model*.bin) is refused in one line, since nothing is unpickled here."""
+    folder = Path(folder)
+    bins = sorted(p.name for p in folder.glob("*.bin"))
+    if bins and not any(folder.glob("*.safetensors")):
+        raise WeightsError(f"{folder}: only pickle weights ({', '.join(bins)}); safetensors is required. Convert them "
+                           "once, where you trust the file: python -c \"from transformers import AutoModel; "
+                           f"AutoModel.from_pretrained('{folder}').save_pretrained('{folder}')\" (writes "
+                           "model.safetensors), then remove the .bin")
+    return folder
+
+
 def default_device_dtype():
     """bf16 on GPU, fp32 on CPU."""
     if torch.cuda.is_available():
@@ -177,7 +190,8 @@ def load_longcat_image(name_or_path=None, flavour="final", device=None, dtype=No
         raise WeightsError(f"{root}: transformer in_channels={dit.cfg.in_channels} and vae latent_channels="
                            f"{vae.config.latent_channels} / downscale {vae.downscale_factor} do not fit LongCat-Image "
                            f"(64 = 16 x 2x2 packed channels, 8x VAE)")
-    text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder", dtype=dtype).to(device).eval()
+    text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(require_safetensors(root / "text_encoder"),
+                                                                      dtype=dtype, use_safetensors=True).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
     if not (root / "text_processor" / "preprocessor_config.json").exists():
         raise WeightsError(f"{root}: text_processor/preprocessor_config.json is missing (the Qwen image processor config)")

@@ -150,5 +150,7 @@ def load_umt5(folder, device="cpu", dtype=torch.bfloat16):
     if dtype == torch.float16:
         print("text_umt5: warning: umT5 in float16 can overflow (inf/NaN); bfloat16 or float32 is safer")
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    text_encoder = UMT5EncoderModel.from_pretrained(str(enc_dir), dtype=dtype)
+    from model.loading import require_safetensors  # safetensors only: a .bin-only folder is one clear error
+    text_encoder = UMT5EncoderModel.from_pretrained(str(require_safetensors(enc_dir)), dtype=dtype,
+                                                    use_safetensors=True)
     return tokenizer, text_encoder.to(device).eval().requires_grad_(False)

@@ -297,3 +297,77 @@ def test_non_finite_encoder_output_fails_at_build(tmp_path):
     with pytest.raises(CacheError, match="bad.png.*non-finite mean"):
         cache.build([s], nan)
     assert not cache.has(s)
+
+
+def test_startup_prune_removes_dead_temps_and_orphans_only(tmp_path, capsys):
+    """Issue 15 item 9: temp files of dead processes and latents of deleted or changed sources used to pile up.
+    prune_at_startup removes exactly those (listed in data_report.json), and never an entry a current sample maps
+    to, a temp file a live (or possibly live) writer owns, or anything while another run uses the cache."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from data.cache import TMP_MARK, prune_at_startup
+    from data.datasets import parse_datasets
+    from data.discovery import discover
+
+    d, out = tmp_path / "data", tmp_path / "out"
+    for i, rel in enumerate(("a.png", "b.png", "sub/c.png")):
+        write_image(d / rel, seed=i)
+        (d / rel).with_suffix(".txt").write_text("x")
+    (spec,) = parse_datasets([{"id": "ds", "type": "local", "instance_data_dir": str(d), "resolution": 32,
+                               "resolution_type": "pixel", "caption_strategy": "textfile"}], log=lambda *_: None)
+    samples = discover([spec], output_dir=str(out), log=lambda *_: None).all_samples()
+    cache = LatentCache(tmp_path / "cache", "vae-a", dtype=torch.float32)
+    text = TextCache(tmp_path / "text", "qwen", dtype=torch.float32)
+    zeros = lambda ss: (torch.zeros(len(ss), 4, 2, 2), torch.zeros(len(ss), 4, 2, 2))  # noqa: E731
+    cache.build(samples, zeros)
+    a = next(s for s in samples if s.rel == "a.png")
+    other_geometry = replace(a, geometry=Geo((64, 32), (64, 32), (0, 0, 64, 32)))  # another config's entry
+    cache.build([other_geometry], zeros)
+    old = {s.rel: cache.path_for(s) for s in samples}
+
+    (d / "sub" / "c.png").unlink()  # deleted source
+    write_image(d / "b.png", seed=7)  # changed content
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        folder = tmp_path / "cache" / "ds"
+        temps = {name: folder / f".{name}.safetensors{TMP_MARK}{pid}" for name, pid in
+                 (("dead_old", dead.pid), ("dead_fresh", dead.pid), ("live_old", live.pid), ("live_ancient", live.pid))}
+        temps["text_dead_old"] = tmp_path / "text" / f".t.safetensors{TMP_MARK}{dead.pid}"
+        for name, p in temps.items():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(b"partial")
+            age = {"dead_fresh": 10, "live_ancient": 2 * 86400}.get(name, 600)
+            os.utime(p, (time.time() - age, time.time() - age))
+
+        now = discover([spec], output_dir=str(out), log=lambda *_: None)
+        listed = prune_at_startup({"ds": cache}, [text], now.all_samples(), report=now.report_path)
+        gone = {Path(e["path"]): e["reason"].split(":")[0] for e in listed}
+        assert gone == {old["b.png"]: "stale_latent", old["sub/c.png"]: "orphan_latent",
+                        temps["dead_old"]: "temp_file", temps["live_ancient"]: "temp_file",
+                        temps["text_dead_old"]: "temp_file"}
+        assert not any(p.exists() for p in gone)
+        assert old["a.png"].exists() and cache.path_for(other_geometry).exists()  # current, and another config's
+        assert temps["dead_fresh"].exists() and temps["live_old"].exists()  # a writer may still own these
+        report = json.loads((out / "data_report.json").read_text())
+        assert {e["path"] for e in report["cache_pruned"]["removed"]} == {str(p) for p in gone}
+        assert "removed 5 orphaned or temp file(s)" in capsys.readouterr().out
+
+        # another live run on this host uses the cache: its entries may be "orphans" to us, so none are removed
+        (tmp_path / "cache" / ".runs" / f"{socket.gethostname()}-{live.pid}").touch()
+        write_image(d / "a.png", seed=8)
+        again = discover([spec], output_dir=str(out), log=lambda *_: None)
+        assert prune_at_startup({"ds": cache}, [text], again.all_samples()) == []
+        assert old["a.png"].exists() and "orphans kept while other runs use it" in capsys.readouterr().out
+    finally:
+        live.kill()
+        live.wait()
+    # that run is gone: its marker no longer blocks; a.png's two entries are stale now, its temp file orphaned
+    listed = prune_at_startup({"ds": cache}, [text], again.all_samples())
+    assert sorted(e["reason"].split(":")[0] for e in listed) == ["stale_latent", "stale_latent", "temp_file"]
+    assert not old["a.png"].exists() and not cache.path_for(other_geometry).exists() and not temps["live_old"].exists()

@@ -491,3 +491,52 @@ def test_synthetic_is_deterministic_and_fast(tmp_path):
     path = main([str(tmp_path / "cli"), "--edit", "--n", "3"])
     assert [e["id"] for e in json.load(open(path))] == ["edit-images", "ref-images"]
     assert sorted(os.listdir(tmp_path / "cli" / "references")) == ["000.png", "001.png", "002.png"]
+
+
+def test_extreme_aspect_is_excluded_not_a_giant_bucket(tmp_path):
+    """Issue 15 item 5: 20000x20 at `pixel` 1024 was a 1024000x1024 bucket (MemoryError at cache build), and
+    20x20000 (aspect key 0.0) a ZeroDivisionError; both are now excluded with a reason in data_report.json."""
+    d, out = tmp_path / "data", tmp_path / "out"
+    _img(str(d / "wide.png"), size=(20000, 20))
+    _img(str(d / "tall.png"), size=(20, 20000))
+    _img(str(d / "pano.png"), size=(192, 64))  # 3:1 is fine
+    (spec,) = parse_datasets([_entry(d, resolution=1024)], log=_quiet)
+    index = discover([spec], output_dir=str(out), log=_quiet)
+    (kept,) = index.all_samples()
+    assert kept.rel == "pano.png" and kept.geometry.bucket == (3072, 1024)
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["excluded_by_reason"] == {"bucket_too_large": 2}
+    assert all("20000" in e["detail"] and "aspect" in e["detail"] for e in report["excluded"])
+    # crop: true + square keeps a 1024x1024 bucket, but the cover resize would be 1024000x1024: excluded too
+    crop = DatasetSpec(id="x", instance_data_dir=".", resolution=1024, resolution_type="pixel", crop=True)
+    planner = BucketPlanner(crop)
+    g = planner.plan((20000, 20), "a")
+    assert g.bucket == (1024, 1024) and "MP limit" in planner.too_large((20000, 20), g)
+    assert planner.too_large((3000, 2000), planner.plan((3000, 2000), "b")) is None
+    # the user's own aspect limits replace the 8:1 default; the pixel cap stays
+    wide = DatasetSpec(id="x", instance_data_dir=".", resolution=256, resolution_type="pixel", maximum_aspect_ratio=20)
+    planner = BucketPlanner(wide)
+    assert planner.too_large((2560, 256), planner.plan((2560, 256), "c")) is None
+    assert "aspect" in planner.too_large((8000, 256), planner.plan((8000, 256), "d"))
+    wide.resolution, wide.maximum_aspect_ratio = 1024, 1000.0
+    planner = BucketPlanner(wide)
+    assert "MP limit" in planner.too_large((20000, 20), planner.plan((20000, 20), "e"))
+
+
+def test_cache_key_follows_content_not_mtime(tmp_path):
+    """Issue 15 item 8: a same-size replacement with its mtime put back used to keep the (size, mtime) fingerprint,
+    so the stale latent was reused; the fingerprint is now a hash of the bytes, and so is the cache key."""
+    from data.cache import LatentCache, content_fingerprint
+    d, out = tmp_path / "data", tmp_path / "out"
+    _img(str(d / "a.bmp"), colour=(200, 30, 30))  # BMP: the file size depends on the pixel count only
+    (spec,) = parse_datasets([_entry(d)], log=_quiet)
+    before = discover([spec], output_dir=str(out), log=_quiet).all_samples()[0]
+    st = os.stat(d / "a.bmp")
+    _img(str(d / "a.bmp"), colour=(30, 200, 30))
+    os.utime(d / "a.bmp", ns=(st.st_atime_ns, st.st_mtime_ns))
+    now = os.stat(d / "a.bmp")
+    assert (now.st_size, now.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    after = discover([spec], output_dir=str(out), log=_quiet).all_samples()[0]  # through the discovery cache too
+    cache = LatentCache(tmp_path / "cache", "vae", dtype=torch.float32)
+    assert after.fingerprint != before.fingerprint and cache.path_for(after) != cache.path_for(before)
+    assert after.fingerprint == content_fingerprint(d / "a.bmp") and after.fingerprint.startswith(f"{st.st_size}-")

@@ -127,3 +127,22 @@ def _vae(root):
 def _dit(root):
     from diffusers import LongCatImageTransformer2DModel
     return LongCatImageTransformer2DModel.from_pretrained(root / "transformer")
+
+
+def test_pickle_only_qwen_text_encoder_is_refused(tmp_path, monkeypatch):
+    """Issue 15 item 9: the Qwen text_encoder/ is read with use_safetensors=True; a folder with only
+    pytorch_model.bin is one WeightsError line (safetensors required, how to convert), never unpickled."""
+    from safetensors.torch import load_file
+    root = write_tiny_longcat_image(tmp_path / "tiny")
+    te = root / "text_encoder"
+    for f in te.glob("*.safetensors*"):
+        sd = load_file(str(f)) if f.suffix == ".safetensors" else None
+        f.unlink()
+    torch.save(sd, te / "pytorch_model.bin")
+
+    def no_unpickling(*a, **k):
+        raise AssertionError("torch.load was called on a user file")
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(WeightsError, match="safetensors is required") as e:
+        load_longcat_image(root, device="cpu", dtype=torch.float32)
+    assert "\n" not in str(e.value) and "pytorch_model.bin" in str(e.value)

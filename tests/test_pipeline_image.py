@@ -179,3 +179,30 @@ def test_offline_hub_id_says_which_path(capsys, tmp_path, monkeypatch):
     assert validate.cli(["--model_flavour", "dev", "--output_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "meituan-longcat/LongCat-Image-Dev" in err and "--pretrained_model_name_or_path" in err
+
+
+def test_validation_image_is_read_like_training(tmp_path, capsys, monkeypatch):
+    """Issue 15 item 7: --validation_image goes through data/images.load_image (a 16-bit PNG was 99.6% white, a
+    transparent background black), and a decompression bomb is one line naming the file, exit 2."""
+    from data.images import load_image
+    gray16 = np.full((8, 8), 128 * 257, dtype=np.uint16)
+    Image.fromarray(gray16).save(tmp_path / "g16.png")
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    rgba.putpixel((0, 0), (255, 0, 0, 255))
+    rgba.save(tmp_path / "cut.png")
+    for name, want in (("g16.png", 128.0), ("cut.png", None)):
+        img = validate.read_validation_image(str(tmp_path / name))
+        assert img.mode == "RGB" and np.array_equal(np.asarray(img), np.asarray(load_image(tmp_path / name)))
+        if want is not None:
+            assert np.asarray(img).mean() == want
+    cut = np.asarray(validate.read_validation_image(str(tmp_path / "cut.png")))
+    assert cut[0, 0].tolist() == [255, 0, 0] and cut[1, 1].tolist() == [255, 255, 255]  # background white, not black
+
+    Image.new("RGB", (100, 100)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10000 px is over twice the limit: DecompressionBombError
+    for family in (["--model_flavour", "edit"], ["--model_family", "longcat_video"]):
+        assert validate.cli([*family, "--validation_image", str(tmp_path / "bomb.png"), "--validation_prompt", "x",
+                             "--pretrained_model_name_or_path", str(tmp_path / "none"),
+                             "--output_dir", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "bomb.png" in err and "decompression-bomb" in err and "\n" not in err and "Traceback" not in err

@@ -103,3 +103,22 @@ def test_save_load_roundtrip(tiny, tmp_path):
     with pytest.raises(FileNotFoundError):
         load_umt5(tmp_path / "nope", "cpu", torch.float32)
 
+
+
+def test_pickle_only_text_encoder_is_refused(tiny, tmp_path, monkeypatch):
+    """Issue 15 item 9: a text_encoder/ with only pytorch_model.bin was unpickled by transformers; now it is one
+    WeightsError line saying safetensors is required (and how to convert), and from_pretrained never unpickles."""
+    from model.loading import WeightsError
+    tok, enc = tiny
+    enc.config.save_pretrained(tmp_path / "text_encoder")
+    torch.save(enc.state_dict(), tmp_path / "text_encoder" / "pytorch_model.bin")  # the legacy pickle layout
+    tok.save_pretrained(tmp_path / "tokenizer")
+    assert (tmp_path / "text_encoder" / "pytorch_model.bin").exists()
+    assert not list((tmp_path / "text_encoder").glob("*.safetensors"))
+
+    def no_unpickling(*a, **k):
+        raise AssertionError("torch.load was called on a user file")
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(WeightsError, match=r"only pickle weights \(pytorch_model.bin\); safetensors is required") as e:
+        load_umt5(tmp_path, "cpu", torch.float32)
+    assert "\n" not in str(e.value) and "save_pretrained" in str(e.value)
