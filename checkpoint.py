@@ -27,6 +27,7 @@ exactly. Only rank 0 writes: save_checkpoint, rotate_checkpoints and MetricsLogg
 """
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -45,6 +46,61 @@ _PARTIAL = re.compile(r"checkpoint-\d+\.(tmp|old)-\d+")  # a save that never com
 _TAGS = ("__tensor__", "__tuple__", "__dict__", "__skipped__")
 SHARDS = "shards"  # the sub-folder of a sharded (FSDP) checkpoint: checkpoint_sharded.py
 _SKIP = object()  # decoded value of a leaf that could not be stored: the live object keeps its own value
+
+
+class NonFiniteError(ValueError):
+    """A NaN or infinite loss, gradient or tensor: one line naming the step (and batch) or the file."""
+
+
+def _local(t):  # an FSDP DTensor's shard on this rank, else the tensor
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def non_finite_names(tensors: dict) -> list:
+    """Names of the floating-point tensors holding a NaN or an infinity (one device sync per tensor)."""
+    return [n for n, t in tensors.items() if _local(t).is_floating_point() and not torch.isfinite(_local(t)).all()]
+
+
+def refuse_non_finite(tensors: dict, source, what: str = "refusing to use it"):
+    """NonFiniteError naming `source` (a file, a checkpoint) when any tensor is not finite."""
+    bad = non_finite_names(tensors)
+    if bad:
+        raise NonFiniteError(f"{source}: non-finite values (NaN/inf) in {len(bad)} tensor(s), e.g. "
+                             f"{', '.join(bad[:3])}; {what}")
+
+
+def poison_non_finite_grads(loss_sum, params) -> tuple:
+    """(loss_sum, or NaN when any gradient is not finite; the 0-dim bool 'all gradients finite'). Tensor ops only, no
+    device sync: the step's existing loss .item() (after the mean over ranks) then reveals a bad gradient on any rank.
+    Call it before clipping: value clipping would turn an infinite gradient into a finite one."""
+    grads = [_local(p.grad) for p in params if p.grad is not None]
+    if not grads or not isinstance(loss_sum, torch.Tensor):
+        return loss_sum, True
+    ok = torch.stack([torch.isfinite(g).all() for g in grads]).all().to(loss_sum.device)
+    return torch.where(ok, loss_sum, torch.full_like(loss_sum, float("nan"))), ok
+
+
+def last_good_checkpoint(output_dir) -> str:
+    path = latest_valid_checkpoint(output_dir, log=lambda *a: None) if Path(output_dir).is_dir() else None
+    return str(path) if path is not None else "none (no checkpoint was written yet)"
+
+
+def check_step_finite(loss: float, step: int, output_dir, files=(), grads_ok=True):
+    """Stop the run at the first non-finite loss or gradient: NonFiniteError naming the step, the batch's files and
+    the last good checkpoint. Nothing of this step is checkpointed or exported."""
+    if math.isfinite(loss):
+        return
+    what = "gradient" if not bool(grads_ok) else "loss"
+    raise NonFiniteError(f"non-finite {what} (loss {loss}) at step {step}; batch: {', '.join(map(str, files)) or '?'}; "
+                         f"nothing of this step was saved; last good checkpoint: {last_good_checkpoint(output_dir)} "
+                         "(lower learning_rate or fix those files, then resume)")
+
+
+def check_weights_finite(tensors: dict, step: int, output_dir, writing: str):
+    """Before a checkpoint or an export: refuse to write weights that hold NaN/inf."""
+    refuse_non_finite(tensors, f"weights after step {step}",
+                      f"not writing {writing}; last good checkpoint: {last_good_checkpoint(output_dir)} "
+                      "(lower learning_rate, then resume)")
 
 
 class CorruptCheckpoint(Exception):
@@ -468,13 +524,19 @@ class MetricsLogger:
         row = {"step": int(step)}
         for k, v in values.items():
             row[k] = v.item() if isinstance(v, (torch.Tensor, np.generic)) else v
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(strict_json_line(row) + "\n")
         self.file.flush()
 
     def close(self):
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def strict_json_line(row: dict) -> str:
+    """json.dumps with non-finite floats written as null: bare NaN / Infinity are not JSON."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()},
+                      allow_nan=False)
 
 
 def peak_memory_bytes(device) -> int:

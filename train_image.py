@@ -253,7 +253,7 @@ def main(argv):
     while step < max_steps:
         lr = trainer.begin_step(step)
         for micro in range(cfg.gradient_accumulation_steps):
-            x0, noise, sigma, embeds, img_ids, txt_ids, ref = make_batch(next(batches))
+            x0, noise, sigma, embeds, img_ids, txt_ids, ref = make_batch(trainer.note_batch(next(batches)))
             with trainer.sync(final=micro == cfg.gradient_accumulation_steps - 1), autocast:
                 loss = training_loss(trainer.model, x0, noise, sigma, embeds, img_ids, txt_ids, ref)
             trainer.backward(loss)

@@ -311,7 +311,7 @@ def main(argv):
     while step < max_steps:
         lr = trainer.begin_step(step)
         for micro in range(cfg.gradient_accumulation_steps):
-            groups = make_batch(next(batches))
+            groups = make_batch(trainer.note_batch(next(batches)))
             for g, (c, x0, noise, sigma, embeds, mask, weight) in enumerate(groups):
                 final = micro == cfg.gradient_accumulation_steps - 1 and g == len(groups) - 1
                 with trainer.sync(final), autocast:

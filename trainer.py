@@ -371,7 +371,7 @@ class Trainer:
     def resume(self, gen: torch.Generator, sampler) -> int:
         """Restore the latest (or the configured) checkpoint into the weights, optimizer, EMA, the step generator and
         the sampler; returns its step (0 when starting fresh). Opens metrics.jsonl and the progress bar."""
-        from checkpoint import MetricsLogger, load_checkpoint, resolve_resume, set_aside_newer
+        from checkpoint import MetricsLogger, load_checkpoint, refuse_non_finite, resolve_resume, set_aside_newer
         from checkpoint_sharded import is_sharded, load_sharded_checkpoint
         cfg, step = self.cfg, 0
         path = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint, log=self.log)
@@ -384,6 +384,7 @@ class Trainer:
                 raise ConfigError(f"{path} holds full weights (a distributed_strategy ddp run): resume it with ddp")
             else:
                 ckpt = load_checkpoint(path, optimizer=self.optimizer, log=self.log)
+            refuse_non_finite({**ckpt.model_tensors, **ckpt.extra_tensors}, path, "refusing to resume from it")
             missing = set(self.trainable) - set(ckpt.model_tensors)
             if missing:
                 raise ConfigError(f"{path} does not hold this run's trainable weights (e.g. {sorted(missing)[:3]}); "
@@ -429,10 +430,11 @@ class Trainer:
     def end_step(self, step: int, lr: float) -> tuple:
         """Clip, optimizer step, EMA, the loss averaged over micro-batches and ranks, metrics and progress, and a
         checkpoint when one is due. Returns (step + 1, loss)."""
-        from checkpoint import peak_memory_bytes
+        from checkpoint import check_step_finite, peak_memory_bytes, poison_non_finite_grads
         from distributed import all_reduce_mean
         cfg = self.cfg
         norm = {}
+        self._loss_sum, grads_ok = poison_non_finite_grads(self._loss_sum, self.trainable.values())
         if cfg.grad_clip_method == "norm":  # on FSDP's DTensor shards too: the global norm, replicated on every rank
             total = torch.nn.utils.clip_grad_norm_(self.trainable.values(), cfg.max_grad_norm)
             norm["grad_norm"] = (total.to_local() if hasattr(total, "to_local") else total).item()
@@ -446,6 +448,7 @@ class Trainer:
                     self.ema[n].lerp_(p.detach(), 1 - cfg.ema_decay)
         step += 1
         loss = all_reduce_mean(self._loss_sum / cfg.gradient_accumulation_steps).item()  # a sync point, once a step
+        check_step_finite(loss, step, cfg.output_dir, self.__dict__.pop("_batch_files", []), grads_ok)
         dt = time.time() - self._t0
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", it_s=f"{1 / dt:.2f}")
@@ -458,10 +461,11 @@ class Trainer:
         return step, loss
 
     def save_checkpoint(self, step: int):
-        from checkpoint import rng_state, rotate_checkpoints, save_checkpoint
+        from checkpoint import check_weights_finite, rng_state, rotate_checkpoints, save_checkpoint
         from checkpoint_sharded import save_sharded_checkpoint
         from distributed import all_gather_object
         weights = {n: p.detach() for n, p in self.trainable.items()}
+        check_weights_finite({**weights, **(self.ema or {})}, step, self.cfg.output_dir, f"checkpoint-{step}")
         ema = {f"ema.{n}": t for n, t in (self.ema or {}).items()}
         common = dict(config=asdict(self.cfg), rng=all_gather_object(rng_state()) if self.dist.world_size > 1 else True,
                       state={"sampler": self.sampler.state_dict(), "epoch": self.sampler.epoch})
@@ -474,6 +478,11 @@ class Trainer:
                                    extra_tensors={"generator": self.gen.get_state(), **ema}, **common)
         if self.dist.is_main:
             rotate_checkpoints(self.cfg.output_dir, self.cfg.checkpoints_total_limit, keep=path, log=self.log)
+
+    def note_batch(self, batch):
+        """Remember the sample paths of this step's batches (named if the loss turns non-finite); returns batch."""
+        self.__dict__.setdefault("_batch_files", []).extend(getattr(s, "path", "?") for s in batch)
+        return batch
 
     # ---- the end ----------------------------------------------------------------------------------------------------
     def finish(self):
@@ -495,11 +504,12 @@ class Trainer:
         """LoRA: cfg.lora_format plus the extra layouts (a ComfyUI copy, ...); full: a loadable model folder.
         With EMA, the EMA weights are exported too (suffix _ema) through the same writers. Under FSDP every rank
         calls it and rank 0 writes the full tensors gathered to it."""
-        from checkpoint import atomic_save_safetensors
+        from checkpoint import atomic_save_safetensors, check_weights_finite
         from distributed import gather_full_state
         from model.loading import save_module_folder, write_json
         from model.lora import save_lora
         cfg, dit = self.cfg, self.dit
+        check_weights_finite({**self.trainable, **(self.ema or {})}, getattr(self.bar, "n", 0), cfg.output_dir, "the export")
         for suffix, weights in [("", None)] + ([("_ema", self.ema)] if self.ema else []):
             if weights:  # write the EMA weights through the same exporters, then put the trained ones back
                 trained = {n: p.detach().clone() for n, p in self.trainable.items()}

@@ -306,3 +306,77 @@ def test_int8_text_encoder_fills_its_own_prompt_cache(world, tmp_path, capsys):
     assert names(full) and not names(full) & names(q)
     a, b = losses(full), losses(q)
     assert max(abs(x - y) / x for x, y in zip(a, b)) < 0.05
+
+
+def strict_rows(out):
+    """metrics.jsonl as strict JSON: a bare NaN / Infinity is an error."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return [json.loads(line, parse_constant=refuse) for line in open(Path(out) / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("interval, message", [(3, "(loss nan) at step 2; batch: "),
+                                               (1, "not writing checkpoint-1")])
+def test_infinite_learning_rate_stops_without_saving_nan(world, tmp_path, capsys, interval, message):
+    out = tmp_path / "run"
+    assert train_image.cli(args(world, out, learning_rate="inf", checkpoint_step_interval=interval,
+                                lr_warmup_steps=0, lr_scheduler="constant")) == 2
+    err = capsys.readouterr().err
+    print(err)
+    assert message in err and "last good checkpoint: none" in err and "Traceback" not in err
+    if interval == 3:
+        assert "batch: " in err and ".png" in err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1
+    assert not list(out.glob("checkpoint-*")) and not list(out.glob("pytorch_lora_weights*"))
+    strict_rows(out)
+
+
+def test_metrics_and_gradient_checks_are_strict():
+    import math
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"metrics-{os.getpid()}.jsonl"
+    m = checkpoint.MetricsLogger(log_path)
+    m.log(1, loss=float("nan"), grad_norm=float("inf"), lr=1e-4)
+    m.close()
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(c)) for line in open(log_path)]
+    log_path.unlink()
+    assert rows == [{"step": 1, "loss": None, "grad_norm": None, "lr": 1e-4}]
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([0.0, float("inf"), 1.0])
+    loss, ok = checkpoint.poison_non_finite_grads(torch.tensor(0.5), [p])
+    assert math.isnan(loss.item()) and not bool(ok)  # caught before value clipping would clamp the inf away
+    p.grad = torch.ones(3)
+    loss, ok = checkpoint.poison_non_finite_grads(torch.tensor(0.5), [p])
+    assert loss.item() == 0.5 and bool(ok)
+    with pytest.raises(checkpoint.NonFiniteError, match="non-finite gradient .* at step 7; batch: a.png"):
+        checkpoint.check_step_finite(float("nan"), 7, "/nonexistent", ["a.png"], torch.tensor(False))
+
+
+def test_non_finite_lora_and_cache_entry(world, tmp_path, capsys):
+    """A NaN LoRA is refused by validate.py --lora and init_lora; a cache entry with a NaN is rebuilt at start-up."""
+    from safetensors.torch import save_file
+    import validate
+    backend = write_t2i_backend(str(tmp_path / "b.json"), str(Path(world["root"]) / "images"), str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert train_image.cli(args(world, out, data_backend_config=backend, max_train_steps=1)) == 0
+    lora = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    lora[next(iter(lora))][0, 0] = float("nan")
+    save_file(lora, str(tmp_path / "nan.safetensors"))
+    capsys.readouterr()
+    assert validate.cli(["--pretrained_model_name_or_path", world["ckpt"], "--lora", str(tmp_path / "nan.safetensors"),
+                         "--validation_resolution", "32x32", "--validation_num_inference_steps", "2",
+                         "--output_dir", str(tmp_path / "val")]) == 2
+    assert "nan.safetensors: non-finite values" in capsys.readouterr().err
+    assert train_image.cli(args(world, tmp_path / "init", data_backend_config=backend, max_train_steps=1,
+                                init_lora=str(tmp_path / "nan.safetensors"))) == 2
+    assert "nan.safetensors: non-finite values" in capsys.readouterr().err
+
+    entry = sorted((tmp_path / "cache").rglob("*.safetensors"))[0]
+    from safetensors import safe_open
+    with safe_open(str(entry), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["mean"].view(-1)[0] = float("nan")
+    save_file(tensors, str(entry), metadata=meta)
+    assert train_image.cli(args(world, tmp_path / "again", data_backend_config=backend, max_train_steps=6)) == 0
+    assert f"rebuilding {entry}" in capsys.readouterr().out
+    with safe_open(str(entry), "pt") as f:
+        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
