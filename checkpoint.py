@@ -25,6 +25,7 @@ state is instead split generically into tensors (safetensors) and a tagged JSON 
 torch.optim.AdamW (0-dim float `step` tensors) and bitsandbytes AdamW8bit (int `step`, nested uint8 quant state)
 exactly. Only rank 0 writes: save_checkpoint, rotate_checkpoints and MetricsLogger do nothing on other ranks.
 """
+import atexit
 import hashlib
 import json
 import math
@@ -33,7 +34,9 @@ import random
 import re
 import resource
 import shutil
+import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -486,6 +489,76 @@ def rotate_checkpoints(output_dir, total_limit: int | None, *, keep=None, log=pr
             shutil.rmtree(p)
             removed.append(p)
     return removed
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# one run per output_dir
+
+LOCK_NAME = ".lock"
+_held_locks = {}  # resolved lock path -> the token written in it, released at exit
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def lock_output_dir(output_dir, log=print) -> Path:
+    """Take output_dir/.lock (pid, host, start time; created with O_CREAT|O_EXCL) before anything is written or
+    resumed, rank 0 only. A live holder: ConfigError naming its pid and host. A stale lock (this host, pid gone; or
+    this very process, an earlier run in it) is taken over with a note. Released at exit or by release_output_dir."""
+    from config import ConfigError
+    path = (Path(output_dir) / LOCK_NAME).resolve()
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ConfigError(f"output_dir {output_dir} is a file, not a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(path.read_text())
+                pid, host = int(held["pid"]), str(held["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                try:
+                    if time.time() - path.stat().st_mtime < 10:  # being written by a run starting right now
+                        raise ConfigError(f"output_dir {output_dir} is being locked by another run starting now "
+                                          f"({path})") from None
+                except FileNotFoundError:
+                    continue
+                held, pid, host = {}, None, me["host"]
+            if host != me["host"] or (pid is not None and pid != me["pid"] and _pid_alive(pid)):
+                raise ConfigError(f"output_dir {output_dir} is in use by another run (pid {pid} on {host}, lock "
+                                  f"{path}); wait for it, use another output_dir, or delete the lock if that run is gone")
+            if pid != me["pid"]:
+                log(f"note: taking over the stale lock {path} of a run that is gone (pid {pid} on {host})")
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        _held_locks[path] = me
+        return path
+    raise ConfigError(f"could not take the lock {path}: another run keeps taking it")
+
+
+def release_output_dir(output_dir=None):
+    """Remove this process's lock(s) (all of them when output_dir is None); a lock another run took over is left."""
+    for path in [p for p in _held_locks if output_dir is None or p == (Path(output_dir) / LOCK_NAME).resolve()]:
+        me = _held_locks.pop(path)
+        try:
+            if json.loads(path.read_text()) == me:
+                path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+atexit.register(release_output_dir)  # normal exit, an exception or Ctrl-C; a killed process leaves a stale lock
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -166,6 +166,7 @@ def main(argv):
     from data.datasets import GLOBAL_DEFAULT_KEYS, VIDEO_DEFAULT_KEYS, load_datasets
     from data.discovery import discover
     from data.sampler import BucketBatchSampler
+    from checkpoint import lock_output_dir
     from distributed import barrier, cleanup, init_distributed, print0
     from model.context_parallel import init_context_parallel
     from model.flow import sample_training_sigmas
@@ -181,6 +182,7 @@ def main(argv):
     weight_dtype, autocast = compute_dtypes(cfg, device)
     if dist.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
+        lock_output_dir(cfg.output_dir, log=print0)  # one run per output_dir (checkpoint.py), released at exit
     print0(f"train_video: {cfg.model_type} on LongCat-Video, {dist.world_size} process(es) on {device.type}, "
            f"weights {weight_dtype}")
     cp = None  # context parallel: this rank's place in the cp x dp layout

@@ -488,6 +488,7 @@ class Trainer:
     def finish(self):
         """Close the bar, print the loss trend, export the result (rank 0), close metrics.jsonl and remove the block
         swap file."""
+        from checkpoint import release_output_dir
         self.bar.close()
         n = min(20, len(self.history) // 2)
         if n:
@@ -499,6 +500,7 @@ class Trainer:
             self.metrics.close()
         if self.swap:
             self.swap.close()
+        release_output_dir(self.cfg.output_dir)
 
     def export(self):
         """LoRA: cfg.lora_format plus the extra layouts (a ComfyUI copy, ...); full: a loadable model folder.

@@ -380,3 +380,26 @@ def test_non_finite_lora_and_cache_entry(world, tmp_path, capsys):
     assert f"rebuilding {entry}" in capsys.readouterr().out
     with safe_open(str(entry), "pt") as f:
         assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+
+
+def test_second_run_on_one_output_dir_is_refused(world, tmp_path, capsys):
+    """output_dir/.lock: a live run's lock refuses a second run before anything is written; a dead run's lock is taken
+    over with a note; the lock is gone after the run."""
+    import socket
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    out.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (out / ".lock").write_text(json.dumps({"pid": live.pid, "host": socket.gethostname(), "started": 0}))
+        assert train_image.cli(args(world, out, max_train_steps=1)) == 2
+        err = capsys.readouterr().err
+        assert f"pid {live.pid} on {socket.gethostname()}" in err and "Traceback" not in err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written, nothing resumed
+    finally:
+        live.kill()
+        live.wait()
+    assert train_image.cli(args(world, out, max_train_steps=1)) == 0  # that pid is gone now: a stale lock
+    assert f"taking over the stale lock {out / '.lock'}" in capsys.readouterr().out
+    assert not (out / ".lock").exists() and (out / "pytorch_lora_weights.safetensors").exists()
