@@ -26,6 +26,7 @@ torch.optim.AdamW (0-dim float `step` tensors) and bitsandbytes AdamW8bit (int `
 exactly. Only rank 0 writes: save_checkpoint, rotate_checkpoints and MetricsLogger do nothing on other ranks.
 """
 import atexit
+import errno
 import hashlib
 import json
 import math
@@ -346,6 +347,61 @@ def save_checkpoint(output_dir, step: int, *, model_tensors: dict | None, optimi
     if old is not None:
         shutil.rmtree(old)
     return final
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (full disk, I/O error); its temp folder is already removed."""
+
+
+def estimate_checkpoint_bytes(*groups) -> int:
+    """Bytes of the tensors a checkpoint will hold: pass the trainable weights (dict), the optimizer (its state's
+    tensors), the EMA (dict or None), ..."""
+    total = 0
+    for g in groups:
+        if g is None:
+            continue
+        if hasattr(g, "state_dict") and hasattr(g, "param_groups"):  # an optimizer: its state tensors
+            g = [t for st in g.state.values() for t in st.values()]
+        for t in (g.values() if isinstance(g, dict) else g):
+            if isinstance(t, torch.Tensor):
+                total += _local(t).nbytes
+    return total
+
+
+def _no_space(e: BaseException) -> bool:
+    text = str(e)
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in text or "StorageFull" in text
+
+
+def _previous(output_dir) -> str:
+    found = find_checkpoints(output_dir) if Path(output_dir).is_dir() else []
+    return f"the previous checkpoint {found[-1][1].name} is intact" if found else "there is no earlier checkpoint"
+
+
+def guarded_checkpoint_write(output_dir, step: int, write, nbytes: int):
+    """Run write() (one checkpoint save) so that a failure leaves nothing behind: check the free space against
+    `nbytes` first; on ANY error remove checkpoint-<step>.tmp-<pid> (rank 0, whose pid names it) and re-raise, an
+    OSError / safetensors error as a one-line CheckpointWriteError (KeyboardInterrupt and the like pass unchanged)."""
+    name, mb = f"checkpoint-{step}", lambda n: f"{n / 2 ** 20:.1f} MB"  # noqa: E731
+    free = shutil.disk_usage(output_dir).free
+    if free < nbytes:
+        raise CheckpointWriteError(errno.ENOSPC, f"no space left on device for {name} (needs ~{mb(nbytes)}, "
+                                   f"{mb(free)} free in {output_dir}); {_previous(output_dir)}")
+    try:
+        return write()
+    except BaseException as e:
+        if _rank() == 0:
+            shutil.rmtree(Path(output_dir) / f"{name}.tmp-{os.getpid()}", ignore_errors=True)
+        if not isinstance(e, Exception) or isinstance(e, (NonFiniteError, CorruptCheckpoint)):
+            raise
+        if _no_space(e):
+            raise CheckpointWriteError(errno.ENOSPC, f"no space left on device writing {name} (needs ~{mb(nbytes)}, "
+                                       f"{mb(shutil.disk_usage(output_dir).free)} free); "
+                                       f"{_previous(output_dir)}") from None
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+            raise CheckpointWriteError(getattr(e, "errno", None) or errno.EIO,
+                                       f"writing {name} failed ({e}); {_previous(output_dir)}") from None
+        raise
 
 
 def verify_checkpoint(path, full: bool = True) -> dict:

@@ -430,7 +430,8 @@ class Trainer:
     def end_step(self, step: int, lr: float) -> tuple:
         """Clip, optimizer step, EMA, the loss averaged over micro-batches and ranks, metrics and progress, and a
         checkpoint when one is due. Returns (step + 1, loss)."""
-        from checkpoint import check_step_finite, peak_memory_bytes, poison_non_finite_grads
+        from checkpoint import (check_step_finite, estimate_checkpoint_bytes, guarded_checkpoint_write,
+                                peak_memory_bytes, poison_non_finite_grads)
         from distributed import all_reduce_mean
         cfg = self.cfg
         norm = {}
@@ -457,7 +458,8 @@ class Trainer:
             self.metrics.log(step, loss=loss, lr=lr, step_time=dt, peak_mem_bytes=peak_memory_bytes(self.dist.device),
                              epoch=self.sampler.epoch, **norm)
         if (cfg.checkpoint_step_interval > 0 and step % cfg.checkpoint_step_interval == 0) or step == self.max_steps:
-            self.save_checkpoint(step)
+            guarded_checkpoint_write(cfg.output_dir, step, lambda: self.save_checkpoint(step),
+                                     estimate_checkpoint_bytes(self.trainable, self.optimizer, self.ema))
         return step, loss
 
     def save_checkpoint(self, step: int):

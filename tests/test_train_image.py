@@ -403,3 +403,34 @@ def test_second_run_on_one_output_dir_is_refused(world, tmp_path, capsys):
     assert train_image.cli(args(world, out, max_train_steps=1)) == 0  # that pid is gone now: a stale lock
     assert f"taking over the stale lock {out / '.lock'}" in capsys.readouterr().out
     assert not (out / ".lock").exists() and (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_full_disk_during_a_checkpoint_leaves_no_temp_folder(world, tmp_path, capsys, monkeypatch):
+    """ENOSPC mid-write (safetensors' own error, as on a full tmpfs): one line, the temp folder removed, the previous
+    checkpoint intact; too little free space is refused before writing."""
+    import collections
+    from safetensors import SafetensorError
+    out = tmp_path / "run"
+    real = checkpoint._save_tensors
+
+    def full_disk(path, tensors, metadata=None):
+        if "checkpoint-6" in str(path):
+            Path(path).write_bytes(b"partial")
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+        return real(path, tensors, metadata)
+    monkeypatch.setattr(checkpoint, "_save_tensors", full_disk)
+    assert train_image.cli(args(world, out, checkpoints_total_limit=1)) == 2
+    err = capsys.readouterr().err
+    assert "no space left on device writing checkpoint-6 (needs ~" in err and "MB free)" in err
+    assert "the previous checkpoint checkpoint-3 is intact" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]
+    checkpoint.verify_checkpoint(out / "checkpoint-3")
+    monkeypatch.setattr(checkpoint, "_save_tensors", real)
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 1000))
+    assert train_image.cli(args(world, tmp_path / "small")) == 2
+    err = capsys.readouterr().err
+    assert "no space left on device for checkpoint-3 (needs ~" in err and "there is no earlier checkpoint" in err
+    assert not [p for p in (tmp_path / "small").iterdir() if "checkpoint" in p.name]
