@@ -513,7 +513,7 @@ class Trainer:
         from model.loading import save_module_folder, write_json
         from model.lora import save_lora
         cfg, dit = self.cfg, self.dit
-        check_weights_finite({**self.trainable, **(self.ema or {})}, getattr(self.bar, "n", 0), cfg.output_dir, "the export")
+        check_weights_finite({**self.trainable, **(self.ema or {})}, self.bar.n, cfg.output_dir, "the export")
         for suffix, weights in [("", None)] + ([("_ema", self.ema)] if self.ema else []):
             if weights:  # write the EMA weights through the same exporters, then put the trained ones back
                 trained = {n: p.detach().clone() for n, p in self.trainable.items()}
