@@ -505,6 +505,61 @@ def resolve_resume(output_dir, resume_from_checkpoint, log=print) -> Path | None
     return path
 
 
+# what a resumed run may not change: it alters what is trained (the weights' shapes and meaning, the base they sit
+# on, the optimizer state's layout). Everything else that differs resumes, with a note listing it.
+RESUME_FIXED = ("model_type", "model_family", "model_flavour", "pretrained_model_name_or_path",
+                "pretrained_transformer_model_name_or_path", "base_model_precision", "quantize_modulation",
+                "mixed_precision", "optimizer", "train_text_encoder")
+RESUME_FIXED_LORA = ("lora_rank", "lora_alpha", "peft_lora_target_modules", "lora_type", "use_dora")
+RESUME_SILENT = ("output_dir", "resume_from_checkpoint", "estimate_memory", "init_lora")  # not worth a note
+
+
+def check_resume_config(path, config: dict, log=print):
+    """Compare this run's config with the one saved in checkpoint `path` (config.json) before anything is loaded:
+    ConfigError naming the key and both values for a change in RESUME_FIXED (and the LoRA keys of a LoRA run; alpha
+    compared as the effective alpha, None meaning the rank); a note listing any other changed key. seed is one of
+    those: the step generator, RNG and sampler position come from the checkpoint, so the resumed steps do not use
+    it, but later epochs shuffle with it (the run is no longer the same as an uninterrupted one with either seed).
+    A checkpoint saved without a config (older versions) resumes unchecked, with a note."""
+    from config import ConfigError
+    if path is None:
+        return
+    try:
+        saved = read_json(Path(path) / "config.json")
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict) or not saved:
+        log(f"note: {Path(path).name} holds no saved config (an older version wrote it): resuming without checking "
+            "that this run's config matches it")
+        return
+    saved, config = dict(saved), dict(config)
+    for c in (saved, config):
+        if c.get("lora_alpha") is None and "lora_rank" in c:
+            c["lora_alpha"] = c["lora_rank"]
+        c["lora_alpha"] = float(c["lora_alpha"]) if c.get("lora_alpha") is not None else None
+    fixed = RESUME_FIXED + (RESUME_FIXED_LORA if config.get("model_type") == "lora" else ())
+    for key in fixed:
+        if key in saved and key in config and saved[key] != config[key]:
+            raise ConfigError(f"resume from {Path(path).name}: {key} was {saved[key]!r} there, this run sets "
+                              f"{config[key]!r}; that changes what is trained: set it back, or start fresh in another "
+                              "output_dir (or resume_from_checkpoint none)")
+    changed = sorted(k for k in config if k in saved and saved[k] != config[k] and k not in RESUME_SILENT)
+    if changed:
+        diff = ", ".join(f"{k} ({saved[k]!r} -> {config[k]!r})" for k in changed)
+        log(f"note: resuming {Path(path).name} with changed {diff}")
+
+
+def check_resume_shapes(path, trainable: dict, saved: dict):
+    """ConfigError when a trainable weight's shape differs from the checkpoint's (e.g. another lora_rank, and a
+    checkpoint too old to hold its config)."""
+    from config import ConfigError
+    for n, p in trainable.items():
+        if n in saved and tuple(getattr(p, "shape", ())) != tuple(saved[n].shape):
+            raise ConfigError(f"resume from {Path(path).name}: {n} has shape {tuple(saved[n].shape)} there, "
+                              f"{tuple(p.shape)} in this run (another lora_rank or model?); set the config back, or "
+                              "start fresh in another output_dir")
+
+
 def set_aside_newer(output_dir, step: int, log=print) -> list:
     """Resuming from an older checkpoint abandons the newer ones: rename them to `abandoned-checkpoint-<N>` (kept,
     never resumed from or rotated away) so `latest` means this run from now on. Rank 0 only."""
@@ -591,7 +646,8 @@ def lock_output_dir(output_dir, log=print) -> Path:
                 held, pid, host = {}, None, me["host"]
             if host != me["host"] or (pid is not None and pid != me["pid"] and _pid_alive(pid)):
                 raise ConfigError(f"output_dir {output_dir} is in use by another run (pid {pid} on {host}, lock "
-                                  f"{path}); wait for it, use another output_dir, or delete the lock if that run is gone")
+                                  f"{path}); wait for it, use another output_dir, or delete the lock if that run "
+                                  "is gone")
             if pid != me["pid"]:
                 log(f"note: taking over the stale lock {path} of a run that is gone (pid {pid} on {host})")
             path.unlink(missing_ok=True)

@@ -371,10 +371,12 @@ class Trainer:
     def resume(self, gen: torch.Generator, sampler) -> int:
         """Restore the latest (or the configured) checkpoint into the weights, optimizer, EMA, the step generator and
         the sampler; returns its step (0 when starting fresh). Opens metrics.jsonl and the progress bar."""
-        from checkpoint import MetricsLogger, load_checkpoint, refuse_non_finite, resolve_resume, set_aside_newer
+        from checkpoint import (MetricsLogger, check_resume_config, check_resume_shapes, load_checkpoint,
+                                refuse_non_finite, resolve_resume, set_aside_newer)
         from checkpoint_sharded import is_sharded, load_sharded_checkpoint
         cfg, step = self.cfg, 0
         path = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint, log=self.log)
+        check_resume_config(path, asdict(cfg), log=self.log)  # before anything is loaded: refuse what changes the model
         if path is not None:
             if is_sharded(path):  # loads in place, each rank its shards: the copies below copy tensors onto themselves
                 ckpt = load_sharded_checkpoint(path, model=self.dit, optimizer=self.optimizer,
@@ -389,6 +391,7 @@ class Trainer:
             if missing:
                 raise ConfigError(f"{path} does not hold this run's trainable weights (e.g. {sorted(missing)[:3]}); "
                                   "was it written with another model_type / LoRA targets?")
+            check_resume_shapes(path, self.trainable, ckpt.model_tensors)
             with torch.no_grad():
                 for n, p in self.trainable.items():
                     p.copy_(ckpt.model_tensors[n])

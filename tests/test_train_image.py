@@ -434,3 +434,30 @@ def test_full_disk_during_a_checkpoint_leaves_no_temp_folder(world, tmp_path, ca
     err = capsys.readouterr().err
     assert "no space left on device for checkpoint-3 (needs ~" in err and "there is no earlier checkpoint" in err
     assert not [p for p in (tmp_path / "small").iterdir() if "checkpoint" in p.name]
+
+
+def test_resume_refuses_a_config_that_changes_what_is_trained(world, tmp_path, capsys):
+    """lora_rank / lora_alpha / model_type changed on resume: one line naming the key and both values; a safe change
+    (max_train_steps, seed) resumes with a note; a checkpoint without a saved config resumes with a note."""
+    out = tmp_path / "run"
+    assert train_image.cli(args(world, out, max_train_steps=3)) == 0
+    capsys.readouterr()
+    for change, message in [(dict(lora_rank=8), "lora_rank was 4 there, this run sets 8"),
+                            (dict(lora_alpha=64), "lora_alpha was 4.0 there, this run sets 64.0"),
+                            (dict(model_type="full"), "model_type was 'lora' there, this run sets 'full'")]:
+        assert train_image.cli(args(world, out, max_train_steps=4, **change)) == 2
+        err = capsys.readouterr().err
+        assert f"resume from checkpoint-3: {message}" in err and "Traceback" not in err
+    assert not (out / "checkpoint-4").exists()
+    assert train_image.cli(args(world, out, max_train_steps=4, seed=7, lora_alpha=4)) == 0
+    log = capsys.readouterr().out
+    note = log.split("note: resuming ", 1)[1].splitlines()[0]
+    assert note == "checkpoint-3 with changed max_train_steps (3 -> 4), seed (42 -> 7)"  # alpha 4 = the rank: same
+    assert "resumed from" in log
+    (out / "checkpoint-4" / "config.json").write_text("{}\n")  # as an older version wrote it
+    manifest = json.loads((out / "checkpoint-4" / "manifest.json").read_text())
+    manifest["files"]["config.json"] = {"bytes": 3, "sha256": checkpoint._sha256(out / "checkpoint-4" / "config.json")}
+    (out / "checkpoint-4" / "manifest.json").write_text(json.dumps(manifest))
+    assert train_image.cli(args(world, out, max_train_steps=5, lora_rank=8)) == 2  # the rank still cannot change
+    assert train_image.cli(args(world, out, max_train_steps=5)) == 0
+    assert "checkpoint-4 holds no saved config" in capsys.readouterr().out
