@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from config import ConfigError, load_config
+from config import ConfigError, check_ranges, load_config
 from trainer import (ALIASES, TrainConfig, Trainer, caption_variants, check_common, compute_dtypes,
                      quantize_text_encoder, run_cli)
 
@@ -64,7 +64,12 @@ class TrainVideoConfig(TrainConfig):
     validation_num_inference_steps: int = 50
 
 
+VIDEO_BOUNDS = dict(framerate="(0, 1000]", continuation_cond_frames="[5, 100000]", context_parallel_size="[1, 65536]",
+                    validation_num_video_frames="[1, 100000]")  # + trainer.TRAIN_BOUNDS (check_common)
+
+
 def check_config(cfg: TrainVideoConfig):
+    check_ranges(cfg, VIDEO_BOUNDS)
     if cfg.model_family != "longcat_video":
         raise ConfigError(f"model_family {cfg.model_family!r}: train_video.py trains longcat_video "
                           "(LongCat-Image: train_image.py)")

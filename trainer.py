@@ -142,6 +142,21 @@ NOT_YET = dict(lora_type="standard", use_dora=False, loss_type="l2", flow_use_be
                flow_custom_timesteps=None, train_text_encoder=False, pretrained_transformer_model_name_or_path=None,
                pretrained_vae_model_name_or_path=None, deepspeed_config=None)
 
+# start-up ranges of the numeric options (config.check_ranges): one line naming key, value and range when outside
+TRAIN_BOUNDS = dict(
+    seed="[0, 18446744073709551615]", train_batch_size="[1, 65536]", gradient_accumulation_steps="[1, 1000000]",
+    max_train_steps="[0, 1e12]", num_train_epochs="[0, 1e9]", learning_rate="(0, 1e3]", lr_warmup_steps="[0, 1e12]",
+    lr_num_cycles="(0, 1e6]", lr_power="[0, 1e3]", lr_end="[0, 1e3]", adam_beta1="[0, 1)", adam_beta2="[0, 1)",
+    adam_weight_decay="[0, 1e3]", adam_epsilon="(0, 1]", max_grad_norm="(0, 1e12]", musubi_blocks_to_swap="[0, 1e6]",
+    group_offload_blocks_per_group="[1, 1e6]", ema_decay="[0, 1]", lora_rank="[1, 65536]", lora_alpha="(0, 1e9]",
+    lora_dropout="[0, 1)", caption_dropout_probability="[0, 1]", flow_schedule_shift="(0, 1e6]",
+    flow_sigmoid_scale="(0, 1e6]", aspect_bucket_alignment="[1, 65536]", resolution="(0, 1e9]",
+    minimum_image_size="[0, 1e9]", maximum_image_size="(0, 1e9]", target_downsample_size="(0, 1e9]",
+    vae_batch_size="[1, 65536]", checkpoint_step_interval="[0, 1e12]", checkpoints_total_limit="[-1, 1e9]",
+    validation_guidance="[0, 1e3]", validation_num_inference_steps="[1, 10000]", validation_seed="[0, 1.8e19]",
+    validation_step_interval="[0, 1e12]", num_validation_images="[1, 10000]")
+
+
 def uses_fsdp(cfg: TrainConfig) -> bool:
     return cfg.distributed_strategy == "fsdp" or cfg.fsdp_enable
 
@@ -149,8 +164,11 @@ def uses_fsdp(cfg: TrainConfig) -> bool:
 def check_common(cfg: TrainConfig, script: str):
     """Start-up checks of the shared options: anything wrong here fails before a model is loaded. The one change it
     makes: FSDP over several processes turns validation off (with a note)."""
+    from config import check_output_dir, check_ranges
     from optim import OPTIMIZERS, check_optimizer_options
     from quant.convert import check_precision
+    check_ranges(cfg, TRAIN_BOUNDS)  # before anything else: one line naming the key, the value and the range
+    check_output_dir(cfg.output_dir)
     choices = dict(model_type=("lora", "full"), grad_clip_method=("value", "norm"),
                    mixed_precision=("bf16", "no", "fp16"), latent_sample_mode=("sample", "mode"),
                    lora_init_type=("default", "gaussian"), lora_format=("diffusers", "comfyui", "peft"),

@@ -317,7 +317,11 @@ def strict_rows(out):
 
 @pytest.mark.parametrize("interval, message", [(3, "(loss nan) at step 2; batch: "),
                                                (1, "not writing checkpoint-1")])
-def test_infinite_learning_rate_stops_without_saving_nan(world, tmp_path, capsys, interval, message):
+def test_infinite_learning_rate_stops_without_saving_nan(world, tmp_path, capsys, monkeypatch, interval, message):
+    """The issue's learning_rate inf, let past the start-up range check (TRAIN_BOUNDS) to reach the loop."""
+    import trainer
+    if hasattr(trainer, "TRAIN_BOUNDS"):
+        monkeypatch.delitem(trainer.TRAIN_BOUNDS, "learning_rate")
     out = tmp_path / "run"
     assert train_image.cli(args(world, out, learning_rate="inf", checkpoint_step_interval=interval,
                                 lr_warmup_steps=0, lr_scheduler="constant")) == 2
@@ -461,3 +465,33 @@ def test_resume_refuses_a_config_that_changes_what_is_trained(world, tmp_path, c
     assert train_image.cli(args(world, out, max_train_steps=5, lora_rank=8)) == 2  # the rank still cannot change
     assert train_image.cli(args(world, out, max_train_steps=5)) == 0
     assert "checkpoint-4 holds no saved config" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(max_train_steps=-5), "max_train_steps -5 is out of range: allowed [0, 1e12]"),
+    (dict(max_train_steps="1e400"), "max_train_steps: '1e400' is not a valid int"),
+    (dict(learning_rate="inf"), "learning_rate inf is out of range: allowed (0, 1e3]"),
+    (dict(adam_beta2=1.0), "adam_beta2 1.0 is out of range: allowed [0, 1)"),
+    (dict(validation_num_inference_steps=0), "validation_num_inference_steps 0 is out of range"),
+])
+def test_numeric_options_are_range_checked_at_start(world, tmp_path, capsys, override, message):
+    out = tmp_path / "out"
+    assert train_image.cli(args(world, out, **override)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not out.exists()
+
+
+def test_output_dir_that_is_a_file_and_validate_ranges_fail_at_start(world, tmp_path, capsys):
+    import validate
+    (tmp_path / "file").write_text("x")
+    assert train_image.cli(args(world, tmp_path / "file")) == 2
+    assert f"output_dir {tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
+    video = ["--model_family", "longcat_video", "--pretrained_model_name_or_path", str(tmp_path / "none")]
+    for extra, message in [(["--validation_resolution", "0x0"], "'0x0' must be a positive WxH"),
+                           (["--validation_resolution", "-16x-16"], "'-16x-16' must be a positive WxH"),
+                           (["--validation_resolution", "48x40"], "video size 48x40 (WxH) is not a multiple of 16"),
+                           (["--validation_num_inference_steps", "0"], "validation_num_inference_steps 0 is out of range"),
+                           (["--output_dir", str(tmp_path / "file")], "is a file, not a folder")]:
+        assert validate.cli(video + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
