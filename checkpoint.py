@@ -25,14 +25,19 @@ state is instead split generically into tensors (safetensors) and a tagged JSON 
 torch.optim.AdamW (0-dim float `step` tensors) and bitsandbytes AdamW8bit (int `step`, nested uint8 quant state)
 exactly. Only rank 0 writes: save_checkpoint, rotate_checkpoints and MetricsLogger do nothing on other ranks.
 """
+import atexit
+import errno
 import hashlib
 import json
+import math
 import os
 import random
 import re
 import resource
 import shutil
+import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +50,61 @@ _PARTIAL = re.compile(r"checkpoint-\d+\.(tmp|old)-\d+")  # a save that never com
 _TAGS = ("__tensor__", "__tuple__", "__dict__", "__skipped__")
 SHARDS = "shards"  # the sub-folder of a sharded (FSDP) checkpoint: checkpoint_sharded.py
 _SKIP = object()  # decoded value of a leaf that could not be stored: the live object keeps its own value
+
+
+class NonFiniteError(ValueError):
+    """A NaN or infinite loss, gradient or tensor: one line naming the step (and batch) or the file."""
+
+
+def _local(t):  # an FSDP DTensor's shard on this rank, else the tensor
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def non_finite_names(tensors: dict) -> list:
+    """Names of the floating-point tensors holding a NaN or an infinity (one device sync per tensor)."""
+    return [n for n, t in tensors.items() if _local(t).is_floating_point() and not torch.isfinite(_local(t)).all()]
+
+
+def refuse_non_finite(tensors: dict, source, what: str = "refusing to use it"):
+    """NonFiniteError naming `source` (a file, a checkpoint) when any tensor is not finite."""
+    bad = non_finite_names(tensors)
+    if bad:
+        raise NonFiniteError(f"{source}: non-finite values (NaN/inf) in {len(bad)} tensor(s), e.g. "
+                             f"{', '.join(bad[:3])}; {what}")
+
+
+def poison_non_finite_grads(loss_sum, params) -> tuple:
+    """(loss_sum, or NaN when any gradient is not finite; the 0-dim bool 'all gradients finite'). Tensor ops only, no
+    device sync: the step's existing loss .item() (after the mean over ranks) then reveals a bad gradient on any rank.
+    Call it before clipping: value clipping would turn an infinite gradient into a finite one."""
+    grads = [_local(p.grad) for p in params if p.grad is not None]
+    if not grads or not isinstance(loss_sum, torch.Tensor):
+        return loss_sum, True
+    ok = torch.stack([torch.isfinite(g).all() for g in grads]).all().to(loss_sum.device)
+    return torch.where(ok, loss_sum, torch.full_like(loss_sum, float("nan"))), ok
+
+
+def last_good_checkpoint(output_dir) -> str:
+    path = latest_valid_checkpoint(output_dir, log=lambda *a: None) if Path(output_dir).is_dir() else None
+    return str(path) if path is not None else "none (no checkpoint was written yet)"
+
+
+def check_step_finite(loss: float, step: int, output_dir, files=(), grads_ok=True):
+    """Stop the run at the first non-finite loss or gradient: NonFiniteError naming the step, the batch's files and
+    the last good checkpoint. Nothing of this step is checkpointed or exported."""
+    if math.isfinite(loss):
+        return
+    what = "gradient" if not bool(grads_ok) else "loss"
+    raise NonFiniteError(f"non-finite {what} (loss {loss}) at step {step}; batch: {', '.join(map(str, files)) or '?'}; "
+                         f"nothing of this step was saved; last good checkpoint: {last_good_checkpoint(output_dir)} "
+                         "(lower learning_rate or fix those files, then resume)")
+
+
+def check_weights_finite(tensors: dict, step: int, output_dir, writing: str):
+    """Before a checkpoint or an export: refuse to write weights that hold NaN/inf."""
+    refuse_non_finite(tensors, f"weights after step {step}",
+                      f"not writing {writing}; last good checkpoint: {last_good_checkpoint(output_dir)} "
+                      "(lower learning_rate, then resume)")
 
 
 class CorruptCheckpoint(Exception):
@@ -289,6 +349,61 @@ def save_checkpoint(output_dir, step: int, *, model_tensors: dict | None, optimi
     return final
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (full disk, I/O error); its temp folder is already removed."""
+
+
+def estimate_checkpoint_bytes(*groups) -> int:
+    """Bytes of the tensors a checkpoint will hold: pass the trainable weights (dict), the optimizer (its state's
+    tensors), the EMA (dict or None), ..."""
+    total = 0
+    for g in groups:
+        if g is None:
+            continue
+        if hasattr(g, "state_dict") and hasattr(g, "param_groups"):  # an optimizer: its state tensors
+            g = [t for st in g.state.values() for t in st.values()]
+        for t in (g.values() if isinstance(g, dict) else g):
+            if isinstance(t, torch.Tensor):
+                total += _local(t).nbytes
+    return total
+
+
+def _no_space(e: BaseException) -> bool:
+    text = str(e)
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in text or "StorageFull" in text
+
+
+def _previous(output_dir) -> str:
+    found = find_checkpoints(output_dir) if Path(output_dir).is_dir() else []
+    return f"the previous checkpoint {found[-1][1].name} is intact" if found else "there is no earlier checkpoint"
+
+
+def guarded_checkpoint_write(output_dir, step: int, write, nbytes: int):
+    """Run write() (one checkpoint save) so that a failure leaves nothing behind: check the free space against
+    `nbytes` first; on ANY error remove checkpoint-<step>.tmp-<pid> (rank 0, whose pid names it) and re-raise, an
+    OSError / safetensors error as a one-line CheckpointWriteError (KeyboardInterrupt and the like pass unchanged)."""
+    name, mb = f"checkpoint-{step}", lambda n: f"{n / 2 ** 20:.1f} MB"  # noqa: E731
+    free = shutil.disk_usage(output_dir).free
+    if free < nbytes:
+        raise CheckpointWriteError(errno.ENOSPC, f"no space left on device for {name} (needs ~{mb(nbytes)}, "
+                                   f"{mb(free)} free in {output_dir}); {_previous(output_dir)}")
+    try:
+        return write()
+    except BaseException as e:
+        if _rank() == 0:
+            shutil.rmtree(Path(output_dir) / f"{name}.tmp-{os.getpid()}", ignore_errors=True)
+        if not isinstance(e, Exception) or isinstance(e, (NonFiniteError, CorruptCheckpoint)):
+            raise
+        if _no_space(e):
+            raise CheckpointWriteError(errno.ENOSPC, f"no space left on device writing {name} (needs ~{mb(nbytes)}, "
+                                       f"{mb(shutil.disk_usage(output_dir).free)} free); "
+                                       f"{_previous(output_dir)}") from None
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+            raise CheckpointWriteError(getattr(e, "errno", None) or errno.EIO,
+                                       f"writing {name} failed ({e}); {_previous(output_dir)}") from None
+        raise
+
+
 def verify_checkpoint(path, full: bool = True) -> dict:
     """Return the manifest, or raise CorruptCheckpoint: a file missing, of the wrong size, or (full) the wrong sha256."""
     path = Path(path)
@@ -390,6 +505,61 @@ def resolve_resume(output_dir, resume_from_checkpoint, log=print) -> Path | None
     return path
 
 
+# what a resumed run may not change: it alters what is trained (the weights' shapes and meaning, the base they sit
+# on, the optimizer state's layout). Everything else that differs resumes, with a note listing it.
+RESUME_FIXED = ("model_type", "model_family", "model_flavour", "pretrained_model_name_or_path",
+                "pretrained_transformer_model_name_or_path", "base_model_precision", "quantize_modulation",
+                "mixed_precision", "optimizer", "train_text_encoder")
+RESUME_FIXED_LORA = ("lora_rank", "lora_alpha", "peft_lora_target_modules", "lora_type", "use_dora")
+RESUME_SILENT = ("output_dir", "resume_from_checkpoint", "estimate_memory", "init_lora")  # not worth a note
+
+
+def check_resume_config(path, config: dict, log=print):
+    """Compare this run's config with the one saved in checkpoint `path` (config.json) before anything is loaded:
+    ConfigError naming the key and both values for a change in RESUME_FIXED (and the LoRA keys of a LoRA run; alpha
+    compared as the effective alpha, None meaning the rank); a note listing any other changed key. seed is one of
+    those: the step generator, RNG and sampler position come from the checkpoint, so the resumed steps do not use
+    it, but later epochs shuffle with it (the run is no longer the same as an uninterrupted one with either seed).
+    A checkpoint saved without a config (older versions) resumes unchecked, with a note."""
+    from config import ConfigError
+    if path is None:
+        return
+    try:
+        saved = read_json(Path(path) / "config.json")
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict) or not saved:
+        log(f"note: {Path(path).name} holds no saved config (an older version wrote it): resuming without checking "
+            "that this run's config matches it")
+        return
+    saved, config = dict(saved), dict(config)
+    for c in (saved, config):
+        if c.get("lora_alpha") is None and "lora_rank" in c:
+            c["lora_alpha"] = c["lora_rank"]
+        c["lora_alpha"] = float(c["lora_alpha"]) if c.get("lora_alpha") is not None else None
+    fixed = RESUME_FIXED + (RESUME_FIXED_LORA if config.get("model_type") == "lora" else ())
+    for key in fixed:
+        if key in saved and key in config and saved[key] != config[key]:
+            raise ConfigError(f"resume from {Path(path).name}: {key} was {saved[key]!r} there, this run sets "
+                              f"{config[key]!r}; that changes what is trained: set it back, or start fresh in another "
+                              "output_dir (or resume_from_checkpoint none)")
+    changed = sorted(k for k in config if k in saved and saved[k] != config[k] and k not in RESUME_SILENT)
+    if changed:
+        diff = ", ".join(f"{k} ({saved[k]!r} -> {config[k]!r})" for k in changed)
+        log(f"note: resuming {Path(path).name} with changed {diff}")
+
+
+def check_resume_shapes(path, trainable: dict, saved: dict):
+    """ConfigError when a trainable weight's shape differs from the checkpoint's (e.g. another lora_rank, and a
+    checkpoint too old to hold its config)."""
+    from config import ConfigError
+    for n, p in trainable.items():
+        if n in saved and tuple(getattr(p, "shape", ())) != tuple(saved[n].shape):
+            raise ConfigError(f"resume from {Path(path).name}: {n} has shape {tuple(saved[n].shape)} there, "
+                              f"{tuple(p.shape)} in this run (another lora_rank or model?); set the config back, or "
+                              "start fresh in another output_dir")
+
+
 def set_aside_newer(output_dir, step: int, log=print) -> list:
     """Resuming from an older checkpoint abandons the newer ones: rename them to `abandoned-checkpoint-<N>` (kept,
     never resumed from or rotated away) so `latest` means this run from now on. Rank 0 only."""
@@ -433,6 +603,77 @@ def rotate_checkpoints(output_dir, total_limit: int | None, *, keep=None, log=pr
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# one run per output_dir
+
+LOCK_NAME = ".lock"
+_held_locks = {}  # resolved lock path -> the token written in it, released at exit
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def lock_output_dir(output_dir, log=print) -> Path:
+    """Take output_dir/.lock (pid, host, start time; created with O_CREAT|O_EXCL) before anything is written or
+    resumed, rank 0 only. A live holder: ConfigError naming its pid and host. A stale lock (this host, pid gone; or
+    this very process, an earlier run in it) is taken over with a note. Released at exit or by release_output_dir."""
+    from config import ConfigError
+    path = (Path(output_dir) / LOCK_NAME).resolve()
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ConfigError(f"output_dir {output_dir} is a file, not a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(path.read_text())
+                pid, host = int(held["pid"]), str(held["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                try:
+                    if time.time() - path.stat().st_mtime < 10:  # being written by a run starting right now
+                        raise ConfigError(f"output_dir {output_dir} is being locked by another run starting now "
+                                          f"({path})") from None
+                except FileNotFoundError:
+                    continue
+                held, pid, host = {}, None, me["host"]
+            if host != me["host"] or (pid is not None and pid != me["pid"] and _pid_alive(pid)):
+                raise ConfigError(f"output_dir {output_dir} is in use by another run (pid {pid} on {host}, lock "
+                                  f"{path}); wait for it, use another output_dir, or delete the lock if that run "
+                                  "is gone")
+            if pid != me["pid"]:
+                log(f"note: taking over the stale lock {path} of a run that is gone (pid {pid} on {host})")
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        _held_locks[path] = me
+        return path
+    raise ConfigError(f"could not take the lock {path}: another run keeps taking it")
+
+
+def release_output_dir(output_dir=None):
+    """Remove this process's lock(s) (all of them when output_dir is None); a lock another run took over is left."""
+    for path in [p for p in _held_locks if output_dir is None or p == (Path(output_dir) / LOCK_NAME).resolve()]:
+        me = _held_locks.pop(path)
+        try:
+            if json.loads(path.read_text()) == me:
+                path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+atexit.register(release_output_dir)  # normal exit, an exception or Ctrl-C; a killed process leaves a stale lock
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # metrics
 
 
@@ -468,13 +709,19 @@ class MetricsLogger:
         row = {"step": int(step)}
         for k, v in values.items():
             row[k] = v.item() if isinstance(v, (torch.Tensor, np.generic)) else v
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(strict_json_line(row) + "\n")
         self.file.flush()
 
     def close(self):
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def strict_json_line(row: dict) -> str:
+    """json.dumps with non-finite floats written as null: bare NaN / Infinity are not JSON."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()},
+                      allow_nan=False)
 
 
 def peak_memory_bytes(device) -> int:

@@ -136,7 +136,7 @@ def _convert(key, value, typ):
             return list(value)
         if origin is dict or typ is dict:
             return json.loads(value) if isinstance(value, str) else dict(value)
-    except (ValueError, TypeError, json.JSONDecodeError):
+    except (ValueError, TypeError, OverflowError, json.JSONDecodeError):
         pass
     else:
         return value
@@ -176,3 +176,32 @@ def load_config(cls, argv, extra_known=SIMPLETUNER_KEYS, aliases=None, quiet=Fal
 
 def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def _interval(spec: str):
+    """'[0, 1)' -> (0.0, 1.0, lo_open=False, hi_open=True); 'inf' for an open end."""
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    return lo, hi, spec[0] == "(", spec[-1] == ")"
+
+
+def check_ranges(cfg, bounds: dict):
+    """Start-up range check of numeric options: bounds maps a key to an interval such as '[0, 1)', '(0, inf)';
+    None values (unset options) pass. A value outside (or NaN / infinite) is one ConfigError naming the key, the
+    value and the allowed range."""
+    import math
+    for key, spec in bounds.items():
+        val = getattr(cfg, key, None)
+        if val is None or isinstance(val, bool):
+            continue
+        lo, hi, lo_open, hi_open = _interval(spec)
+        ok = (isinstance(val, (int, float)) and math.isfinite(val) and (val > lo if lo_open else val >= lo)
+              and (val < hi if hi_open else val <= hi))
+        if not ok:
+            raise ConfigError(f"{key} {val!r} is out of range: allowed {spec}")
+
+
+def check_output_dir(path):
+    """An output_dir that exists as a file fails at start-up, before any model is loaded."""
+    import os
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"output_dir {path} is a file, not a folder")

@@ -120,6 +120,7 @@ def main(argv):
     from data.discovery import discover
     from data.images import load_image, to_tensor
     from data.sampler import BucketBatchSampler
+    from checkpoint import lock_output_dir
     from distributed import barrier, cleanup, init_distributed, print0
     from model.dit_image import image_position_ids, text_position_ids
     from model.flow import dynamic_shift_mu, sample_training_sigmas
@@ -135,6 +136,7 @@ def main(argv):
     weight_dtype, autocast = compute_dtypes(cfg, device)
     if dist.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
+        lock_output_dir(cfg.output_dir, log=print0)  # one run per output_dir (checkpoint.py), released at exit
     print0(f"train_image: {cfg.model_type} on LongCat-Image {cfg.model_flavour}, {dist.world_size} process(es) on "
            f"{device.type}, weights {weight_dtype}")
 
@@ -253,7 +255,7 @@ def main(argv):
     while step < max_steps:
         lr = trainer.begin_step(step)
         for micro in range(cfg.gradient_accumulation_steps):
-            x0, noise, sigma, embeds, img_ids, txt_ids, ref = make_batch(next(batches))
+            x0, noise, sigma, embeds, img_ids, txt_ids, ref = make_batch(trainer.note_batch(next(batches)))
             with trainer.sync(final=micro == cfg.gradient_accumulation_steps - 1), autocast:
                 loss = training_loss(trainer.model, x0, noise, sigma, embeds, img_ids, txt_ids, ref)
             trainer.backward(loss)

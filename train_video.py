@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from config import ConfigError, load_config
+from config import ConfigError, check_ranges, load_config
 from trainer import (ALIASES, TrainConfig, Trainer, caption_variants, check_common, compute_dtypes,
                      quantize_text_encoder, run_cli)
 
@@ -64,7 +64,12 @@ class TrainVideoConfig(TrainConfig):
     validation_num_inference_steps: int = 50
 
 
+VIDEO_BOUNDS = dict(framerate="(0, 1000]", continuation_cond_frames="[5, 100000]", context_parallel_size="[1, 65536]",
+                    validation_num_video_frames="[1, 100000]")  # + trainer.TRAIN_BOUNDS (check_common)
+
+
 def check_config(cfg: TrainVideoConfig):
+    check_ranges(cfg, VIDEO_BOUNDS)
     if cfg.model_family != "longcat_video":
         raise ConfigError(f"model_family {cfg.model_family!r}: train_video.py trains longcat_video "
                           "(LongCat-Image: train_image.py)")
@@ -166,6 +171,7 @@ def main(argv):
     from data.datasets import GLOBAL_DEFAULT_KEYS, VIDEO_DEFAULT_KEYS, load_datasets
     from data.discovery import discover
     from data.sampler import BucketBatchSampler
+    from checkpoint import lock_output_dir
     from distributed import barrier, cleanup, init_distributed, print0
     from model.context_parallel import init_context_parallel
     from model.flow import sample_training_sigmas
@@ -181,6 +187,7 @@ def main(argv):
     weight_dtype, autocast = compute_dtypes(cfg, device)
     if dist.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
+        lock_output_dir(cfg.output_dir, log=print0)  # one run per output_dir (checkpoint.py), released at exit
     print0(f"train_video: {cfg.model_type} on LongCat-Video, {dist.world_size} process(es) on {device.type}, "
            f"weights {weight_dtype}")
     cp = None  # context parallel: this rank's place in the cp x dp layout
@@ -311,7 +318,7 @@ def main(argv):
     while step < max_steps:
         lr = trainer.begin_step(step)
         for micro in range(cfg.gradient_accumulation_steps):
-            groups = make_batch(next(batches))
+            groups = make_batch(trainer.note_batch(next(batches)))
             for g, (c, x0, noise, sigma, embeds, mask, weight) in enumerate(groups):
                 final = micro == cfg.gradient_accumulation_steps - 1 and g == len(groups) - 1
                 with trainer.sync(final), autocast:

@@ -142,6 +142,21 @@ NOT_YET = dict(lora_type="standard", use_dora=False, loss_type="l2", flow_use_be
                flow_custom_timesteps=None, train_text_encoder=False, pretrained_transformer_model_name_or_path=None,
                pretrained_vae_model_name_or_path=None, deepspeed_config=None)
 
+# start-up ranges of the numeric options (config.check_ranges): one line naming key, value and range when outside
+TRAIN_BOUNDS = dict(
+    seed="[0, 18446744073709551615]", train_batch_size="[1, 65536]", gradient_accumulation_steps="[1, 1000000]",
+    max_train_steps="[0, 1e12]", num_train_epochs="[0, 1e9]", learning_rate="(0, 1e3]", lr_warmup_steps="[0, 1e12]",
+    lr_num_cycles="(0, 1e6]", lr_power="[0, 1e3]", lr_end="[0, 1e3]", adam_beta1="[0, 1)", adam_beta2="[0, 1)",
+    adam_weight_decay="[0, 1e3]", adam_epsilon="(0, 1]", max_grad_norm="(0, 1e12]", musubi_blocks_to_swap="[0, 1e6]",
+    group_offload_blocks_per_group="[1, 1e6]", ema_decay="[0, 1]", lora_rank="[1, 65536]", lora_alpha="(0, 1e9]",
+    lora_dropout="[0, 1)", caption_dropout_probability="[0, 1]", flow_schedule_shift="(0, 1e6]",
+    flow_sigmoid_scale="(0, 1e6]", aspect_bucket_alignment="[1, 65536]", resolution="(0, 1e9]",
+    minimum_image_size="[0, 1e9]", maximum_image_size="(0, 1e9]", target_downsample_size="(0, 1e9]",
+    vae_batch_size="[1, 65536]", checkpoint_step_interval="[0, 1e12]", checkpoints_total_limit="[-1, 1e9]",
+    validation_guidance="[0, 1e3]", validation_num_inference_steps="[1, 10000]", validation_seed="[0, 1.8e19]",
+    validation_step_interval="[0, 1e12]", num_validation_images="[1, 10000]")
+
+
 def uses_fsdp(cfg: TrainConfig) -> bool:
     return cfg.distributed_strategy == "fsdp" or cfg.fsdp_enable
 
@@ -149,8 +164,11 @@ def uses_fsdp(cfg: TrainConfig) -> bool:
 def check_common(cfg: TrainConfig, script: str):
     """Start-up checks of the shared options: anything wrong here fails before a model is loaded. The one change it
     makes: FSDP over several processes turns validation off (with a note)."""
+    from config import check_output_dir, check_ranges
     from optim import OPTIMIZERS, check_optimizer_options
     from quant.convert import check_precision
+    check_ranges(cfg, TRAIN_BOUNDS)  # before anything else: one line naming the key, the value and the range
+    check_output_dir(cfg.output_dir)
     choices = dict(model_type=("lora", "full"), grad_clip_method=("value", "norm"),
                    mixed_precision=("bf16", "no", "fp16"), latent_sample_mode=("sample", "mode"),
                    lora_init_type=("default", "gaussian"), lora_format=("diffusers", "comfyui", "peft"),
@@ -371,10 +389,12 @@ class Trainer:
     def resume(self, gen: torch.Generator, sampler) -> int:
         """Restore the latest (or the configured) checkpoint into the weights, optimizer, EMA, the step generator and
         the sampler; returns its step (0 when starting fresh). Opens metrics.jsonl and the progress bar."""
-        from checkpoint import MetricsLogger, load_checkpoint, resolve_resume, set_aside_newer
+        from checkpoint import (MetricsLogger, check_resume_config, check_resume_shapes, load_checkpoint,
+                                refuse_non_finite, resolve_resume, set_aside_newer)
         from checkpoint_sharded import is_sharded, load_sharded_checkpoint
         cfg, step = self.cfg, 0
         path = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint, log=self.log)
+        check_resume_config(path, asdict(cfg), log=self.log)  # before anything is loaded: refuse what changes the model
         if path is not None:
             if is_sharded(path):  # loads in place, each rank its shards: the copies below copy tensors onto themselves
                 ckpt = load_sharded_checkpoint(path, model=self.dit, optimizer=self.optimizer,
@@ -384,10 +404,12 @@ class Trainer:
                 raise ConfigError(f"{path} holds full weights (a distributed_strategy ddp run): resume it with ddp")
             else:
                 ckpt = load_checkpoint(path, optimizer=self.optimizer, log=self.log)
+            refuse_non_finite({**ckpt.model_tensors, **ckpt.extra_tensors}, path, "refusing to resume from it")
             missing = set(self.trainable) - set(ckpt.model_tensors)
             if missing:
                 raise ConfigError(f"{path} does not hold this run's trainable weights (e.g. {sorted(missing)[:3]}); "
                                   "was it written with another model_type / LoRA targets?")
+            check_resume_shapes(path, self.trainable, ckpt.model_tensors)
             with torch.no_grad():
                 for n, p in self.trainable.items():
                     p.copy_(ckpt.model_tensors[n])
@@ -429,10 +451,12 @@ class Trainer:
     def end_step(self, step: int, lr: float) -> tuple:
         """Clip, optimizer step, EMA, the loss averaged over micro-batches and ranks, metrics and progress, and a
         checkpoint when one is due. Returns (step + 1, loss)."""
-        from checkpoint import peak_memory_bytes
+        from checkpoint import (check_step_finite, estimate_checkpoint_bytes, guarded_checkpoint_write,
+                                peak_memory_bytes, poison_non_finite_grads)
         from distributed import all_reduce_mean
         cfg = self.cfg
         norm = {}
+        self._loss_sum, grads_ok = poison_non_finite_grads(self._loss_sum, self.trainable.values())
         if cfg.grad_clip_method == "norm":  # on FSDP's DTensor shards too: the global norm, replicated on every rank
             total = torch.nn.utils.clip_grad_norm_(self.trainable.values(), cfg.max_grad_norm)
             norm["grad_norm"] = (total.to_local() if hasattr(total, "to_local") else total).item()
@@ -446,6 +470,7 @@ class Trainer:
                     self.ema[n].lerp_(p.detach(), 1 - cfg.ema_decay)
         step += 1
         loss = all_reduce_mean(self._loss_sum / cfg.gradient_accumulation_steps).item()  # a sync point, once a step
+        check_step_finite(loss, step, cfg.output_dir, self.__dict__.pop("_batch_files", []), grads_ok)
         dt = time.time() - self._t0
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", it_s=f"{1 / dt:.2f}")
@@ -454,14 +479,16 @@ class Trainer:
             self.metrics.log(step, loss=loss, lr=lr, step_time=dt, peak_mem_bytes=peak_memory_bytes(self.dist.device),
                              epoch=self.sampler.epoch, **norm)
         if (cfg.checkpoint_step_interval > 0 and step % cfg.checkpoint_step_interval == 0) or step == self.max_steps:
-            self.save_checkpoint(step)
+            guarded_checkpoint_write(cfg.output_dir, step, lambda: self.save_checkpoint(step),
+                                     estimate_checkpoint_bytes(self.trainable, self.optimizer, self.ema))
         return step, loss
 
     def save_checkpoint(self, step: int):
-        from checkpoint import rng_state, rotate_checkpoints, save_checkpoint
+        from checkpoint import check_weights_finite, rng_state, rotate_checkpoints, save_checkpoint
         from checkpoint_sharded import save_sharded_checkpoint
         from distributed import all_gather_object
         weights = {n: p.detach() for n, p in self.trainable.items()}
+        check_weights_finite({**weights, **(self.ema or {})}, step, self.cfg.output_dir, f"checkpoint-{step}")
         ema = {f"ema.{n}": t for n, t in (self.ema or {}).items()}
         common = dict(config=asdict(self.cfg), rng=all_gather_object(rng_state()) if self.dist.world_size > 1 else True,
                       state={"sampler": self.sampler.state_dict(), "epoch": self.sampler.epoch})
@@ -475,10 +502,16 @@ class Trainer:
         if self.dist.is_main:
             rotate_checkpoints(self.cfg.output_dir, self.cfg.checkpoints_total_limit, keep=path, log=self.log)
 
+    def note_batch(self, batch):
+        """Remember the sample paths of this step's batches (named if the loss turns non-finite); returns batch."""
+        self.__dict__.setdefault("_batch_files", []).extend(getattr(s, "path", "?") for s in batch)
+        return batch
+
     # ---- the end ----------------------------------------------------------------------------------------------------
     def finish(self):
         """Close the bar, print the loss trend, export the result (rank 0), close metrics.jsonl and remove the block
         swap file."""
+        from checkpoint import release_output_dir
         self.bar.close()
         n = min(20, len(self.history) // 2)
         if n:
@@ -490,16 +523,18 @@ class Trainer:
             self.metrics.close()
         if self.swap:
             self.swap.close()
+        release_output_dir(self.cfg.output_dir)
 
     def export(self):
         """LoRA: cfg.lora_format plus the extra layouts (a ComfyUI copy, ...); full: a loadable model folder.
         With EMA, the EMA weights are exported too (suffix _ema) through the same writers. Under FSDP every rank
         calls it and rank 0 writes the full tensors gathered to it."""
-        from checkpoint import atomic_save_safetensors
+        from checkpoint import atomic_save_safetensors, check_weights_finite
         from distributed import gather_full_state
         from model.loading import save_module_folder, write_json
         from model.lora import save_lora
         cfg, dit = self.cfg, self.dit
+        check_weights_finite({**self.trainable, **(self.ema or {})}, self.bar.n, cfg.output_dir, "the export")
         for suffix, weights in [("", None)] + ([("_ema", self.ema)] if self.ema else []):
             if weights:  # write the EMA weights through the same exporters, then put the trained ones back
                 trained = {n: p.detach().clone() for n, p in self.trainable.items()}

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from config import ConfigError, load_config
+from config import ConfigError, check_output_dir, check_ranges, load_config
 
 FAMILIES = ("longcat_image", "longcat_video")
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,6 +53,11 @@ class ValidateConfig:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
 
 
+VALIDATE_BOUNDS = dict(validation_guidance="[0, 1e3]", validation_num_inference_steps="[1, 10000]",
+                       validation_seed="[0, 18446744073709551615]", validation_num_video_frames="[1, 100000]",
+                       framerate="[1, 1000]", num_validation_images="[1, 10000]", validation_cfg_renorm_min="[0, 1e3]")
+
+
 def parse_resolutions(spec: Optional[str]):
     """'1024x768,512' -> [(1024, 768), (512, 512)] as (width, height)."""
     if spec is None:
@@ -65,10 +70,14 @@ def parse_resolutions(spec: Optional[str]):
             sizes.append((int(w), int(h or w)))
         except ValueError:
             raise ConfigError(f"validation_resolution: {part!r} is not WxH or N") from None
+        if min(sizes[-1]) <= 0:
+            raise ConfigError(f"validation_resolution: {part!r} must be a positive WxH (e.g. 832x480)")
     return sizes
 
 
 def check(cfg: ValidateConfig):
+    check_ranges(cfg, VALIDATE_BOUNDS)
+    check_output_dir(cfg.output_dir)
     if cfg.model_family not in FAMILIES:
         raise ConfigError(f"model_family {cfg.model_family!r}: this validate.py supports {', '.join(FAMILIES)}")
     if cfg.model_family == "longcat_video":

@@ -157,6 +157,18 @@ class _Cache:
         except (SafetensorError, OSError, ValueError):
             return False
 
+    def _entry_ok(self, path: Path, key: dict) -> bool:
+        """Header check plus the values: an entry holding NaN/inf (a bad write, a bit flip) is rebuilt at start-up
+        instead of stopping training when its sample is drawn. Reads every cached entry once per start."""
+        if not self._header_ok(path, key):
+            return False
+        try:
+            self._read(path, key)
+            return True
+        except CacheError as e:
+            print(f"cache: rebuilding {path} ({str(e).split(': ', 1)[-1].split(';')[0]})")
+            return False
+
     def has(self, sample) -> bool:
         """A complete file for exactly this key exists (header check only; load also checks the values)."""
         return self._header_ok(*self._entry(sample))
@@ -224,7 +236,7 @@ class _Cache:
             entries.setdefault(str(path), (s, key))
         paths = sorted(entries)
         mine = paths[rank::world_size]
-        todo = [p for p in mine if not self._header_ok(Path(p), entries[p][1])]
+        todo = [p for p in mine if not self._entry_ok(Path(p), entries[p][1])]
         groups = {}
         for p in todo:
             groups.setdefault(self.group_of(entries[p][0]), []).append(p)

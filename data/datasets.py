@@ -234,7 +234,8 @@ def _video_spec(ds, entry: dict, defaults: dict, has_start_frames: bool) -> Vide
             _fail(ds, f"{key} is {entry[key]!r} at the top level but {block[key]!r} in the video block")
     get = lambda k: block[k] if block.get(k) is not None else entry.get(k)  # noqa: E731
     v = VideoSpec()
-    n = _num(ds, "video.num_frames", block.get("num_frames") or DEFAULT_NUM_FRAMES, integer=True, positive=True)
+    n = _num(ds, "video.num_frames", DEFAULT_NUM_FRAMES if block.get("num_frames") is None else block["num_frames"],
+             integer=True, positive=True)  # 0 is an error, not the default
     if (n - 1) % 4:
         _fail(ds, f"video.num_frames {n} is not 4k+1: LongCat-Video's VAE encodes the first frame alone and then 4 "
                   f"frames per latent frame, so (num_frames - 1) % 4 must be 0; nearest valid: "

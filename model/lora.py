@@ -469,6 +469,15 @@ def _pattern(patterns: dict, name: str):
     return None
 
 
+def _refuse_non_finite(sd: dict, src):
+    """A LoRA holding NaN/inf would silently render black images or train on a nan loss: refuse it, naming the file."""
+    bad = [k for k, t in sd.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        where = "LoRA state dict" if isinstance(src, dict) else f"LoRA {src}"
+        raise ValueError(f"{where}: non-finite values (NaN/inf) in {len(bad)} tensor(s), e.g. {', '.join(bad[:3])}; "
+                         "refusing to load it")
+
+
 def load_lora(src, model: nn.Module, metadata=None, dtype=torch.float32) -> list:
     """
     Load a LoRA file/folder (or a state dict) in any layout above into `model`, wrapping layers that have no adapter
@@ -481,6 +490,7 @@ def load_lora(src, model: nn.Module, metadata=None, dtype=torch.float32) -> list
     if is_longcat_video_lora(sd):
         sd = convert_longcat_video_lora(sd)
     config = _unprefixed_config(metadata if metadata is not None else config)
+    _refuse_non_finite(sd, src)
     underscored = {n.replace(".", "_"): n for n, _ in model.named_modules()}
     parts, unknown = collections.defaultdict(dict), []
     for key, t in sd.items():

@@ -59,7 +59,7 @@ def check_video_size(frames: int, height: int, width: int, multiple: int = 16) -
         fix = f"; trim to {(frames - 1) // 4 * 4 + 1}" if frames > 1 else ""
         raise ValueError(f"video has {frames} frames; the Wan VAE needs 4k+1 frames (1, 5, 9, ..., 93){fix}")
     if height % multiple or width % multiple:
-        raise ValueError(f"video size {height}x{width} is not a multiple of {multiple} (8x VAE x 2x2 patch); "
+        raise ValueError(f"video size {width}x{height} (WxH) is not a multiple of {multiple} (8x VAE x 2x2 patch); "
                          f"resize or crop first")
 
 

@@ -265,3 +265,31 @@ def test_torchrun_two_process_gloo(tmp_path, torchrun):
     script.write_text(textwrap.dedent(SMOKE.format(repo=str(REPO))))
     out = torchrun(2, script, tmp_path / "out", timeout=120)
     assert out.count("PRINT0 LINE") == 1 and "RANK DONE 0" in out and "RANK DONE 1" in out, out[-4000:]
+
+
+def test_output_dir_lock_refuses_a_live_run_and_is_released_at_exit(tmp_path):
+    import checkpoint
+    import subprocess
+    import sys
+    from config import ConfigError
+    repo = str(REPO)
+    hold = ("import sys, time, checkpoint; checkpoint.lock_output_dir(sys.argv[1]); print('locked', flush=True); "
+            "time.sleep(float(sys.argv[2])); raise KeyboardInterrupt")
+    p = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path), "60"], cwd=repo, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=f"in use by another run \\(pid {p.pid} on "):
+            checkpoint.lock_output_dir(tmp_path)
+    finally:
+        p.kill()
+        p.wait()
+    notes = []
+    checkpoint.lock_output_dir(tmp_path, log=notes.append)  # killed: its lock is stale, taken over with a note
+    assert notes and "stale lock" in notes[0]
+    checkpoint.release_output_dir(tmp_path)
+    assert not (tmp_path / ".lock").exists()
+    r = subprocess.run([sys.executable, "-c", hold, str(tmp_path), "0"], cwd=repo, capture_output=True, text=True)
+    assert r.returncode != 0 and "KeyboardInterrupt" in r.stderr and not (tmp_path / ".lock").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        checkpoint.lock_output_dir(tmp_path / "file")

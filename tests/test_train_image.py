@@ -306,3 +306,192 @@ def test_int8_text_encoder_fills_its_own_prompt_cache(world, tmp_path, capsys):
     assert names(full) and not names(full) & names(q)
     a, b = losses(full), losses(q)
     assert max(abs(x - y) / x for x, y in zip(a, b)) < 0.05
+
+
+def strict_rows(out):
+    """metrics.jsonl as strict JSON: a bare NaN / Infinity is an error."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return [json.loads(line, parse_constant=refuse) for line in open(Path(out) / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("interval, message", [(3, "(loss nan) at step 2; batch: "),
+                                               (1, "not writing checkpoint-1")])
+def test_infinite_learning_rate_stops_without_saving_nan(world, tmp_path, capsys, monkeypatch, interval, message):
+    """The issue's learning_rate inf, let past the start-up range check (TRAIN_BOUNDS) to reach the loop."""
+    import trainer
+    if hasattr(trainer, "TRAIN_BOUNDS"):
+        monkeypatch.delitem(trainer.TRAIN_BOUNDS, "learning_rate")
+    out = tmp_path / "run"
+    assert train_image.cli(args(world, out, learning_rate="inf", checkpoint_step_interval=interval,
+                                lr_warmup_steps=0, lr_scheduler="constant")) == 2
+    err = capsys.readouterr().err
+    print(err)
+    assert message in err and "last good checkpoint: none" in err and "Traceback" not in err
+    if interval == 3:
+        assert "batch: " in err and ".png" in err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1
+    assert not list(out.glob("checkpoint-*")) and not list(out.glob("pytorch_lora_weights*"))
+    strict_rows(out)
+
+
+def test_metrics_and_gradient_checks_are_strict():
+    import math
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"metrics-{os.getpid()}.jsonl"
+    m = checkpoint.MetricsLogger(log_path)
+    m.log(1, loss=float("nan"), grad_norm=float("inf"), lr=1e-4)
+    m.close()
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(c)) for line in open(log_path)]
+    log_path.unlink()
+    assert rows == [{"step": 1, "loss": None, "grad_norm": None, "lr": 1e-4}]
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([0.0, float("inf"), 1.0])
+    loss, ok = checkpoint.poison_non_finite_grads(torch.tensor(0.5), [p])
+    assert math.isnan(loss.item()) and not bool(ok)  # caught before value clipping would clamp the inf away
+    p.grad = torch.ones(3)
+    loss, ok = checkpoint.poison_non_finite_grads(torch.tensor(0.5), [p])
+    assert loss.item() == 0.5 and bool(ok)
+    with pytest.raises(checkpoint.NonFiniteError, match="non-finite gradient .* at step 7; batch: a.png"):
+        checkpoint.check_step_finite(float("nan"), 7, "/nonexistent", ["a.png"], torch.tensor(False))
+
+
+def test_non_finite_lora_and_cache_entry(world, tmp_path, capsys):
+    """A NaN LoRA is refused by validate.py --lora and init_lora; a cache entry with a NaN is rebuilt at start-up."""
+    from safetensors.torch import save_file
+    import validate
+    backend = write_t2i_backend(str(tmp_path / "b.json"), str(Path(world["root"]) / "images"), str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert train_image.cli(args(world, out, data_backend_config=backend, max_train_steps=1)) == 0
+    lora = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    lora[next(iter(lora))][0, 0] = float("nan")
+    save_file(lora, str(tmp_path / "nan.safetensors"))
+    capsys.readouterr()
+    assert validate.cli(["--pretrained_model_name_or_path", world["ckpt"], "--lora", str(tmp_path / "nan.safetensors"),
+                         "--validation_resolution", "32x32", "--validation_num_inference_steps", "2",
+                         "--output_dir", str(tmp_path / "val")]) == 2
+    assert "nan.safetensors: non-finite values" in capsys.readouterr().err
+    assert train_image.cli(args(world, tmp_path / "init", data_backend_config=backend, max_train_steps=1,
+                                init_lora=str(tmp_path / "nan.safetensors"))) == 2
+    assert "nan.safetensors: non-finite values" in capsys.readouterr().err
+
+    entry = sorted((tmp_path / "cache").rglob("*.safetensors"))[0]
+    from safetensors import safe_open
+    with safe_open(str(entry), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["mean"].view(-1)[0] = float("nan")
+    save_file(tensors, str(entry), metadata=meta)
+    assert train_image.cli(args(world, tmp_path / "again", data_backend_config=backend, max_train_steps=6)) == 0
+    assert f"rebuilding {entry}" in capsys.readouterr().out
+    with safe_open(str(entry), "pt") as f:
+        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+
+
+def test_second_run_on_one_output_dir_is_refused(world, tmp_path, capsys):
+    """output_dir/.lock: a live run's lock refuses a second run before anything is written; a dead run's lock is taken
+    over with a note; the lock is gone after the run."""
+    import socket
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    out.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (out / ".lock").write_text(json.dumps({"pid": live.pid, "host": socket.gethostname(), "started": 0}))
+        assert train_image.cli(args(world, out, max_train_steps=1)) == 2
+        err = capsys.readouterr().err
+        assert f"pid {live.pid} on {socket.gethostname()}" in err and "Traceback" not in err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written, nothing resumed
+    finally:
+        live.kill()
+        live.wait()
+    assert train_image.cli(args(world, out, max_train_steps=1)) == 0  # that pid is gone now: a stale lock
+    assert f"taking over the stale lock {out / '.lock'}" in capsys.readouterr().out
+    assert not (out / ".lock").exists() and (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_full_disk_during_a_checkpoint_leaves_no_temp_folder(world, tmp_path, capsys, monkeypatch):
+    """ENOSPC mid-write (safetensors' own error, as on a full tmpfs): one line, the temp folder removed, the previous
+    checkpoint intact; too little free space is refused before writing."""
+    import collections
+    from safetensors import SafetensorError
+    out = tmp_path / "run"
+    real = checkpoint._save_tensors
+
+    def full_disk(path, tensors, metadata=None):
+        if "checkpoint-6" in str(path):
+            Path(path).write_bytes(b"partial")
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+        return real(path, tensors, metadata)
+    monkeypatch.setattr(checkpoint, "_save_tensors", full_disk)
+    assert train_image.cli(args(world, out, checkpoints_total_limit=1)) == 2
+    err = capsys.readouterr().err
+    assert "no space left on device writing checkpoint-6 (needs ~" in err and "MB free)" in err
+    assert "the previous checkpoint checkpoint-3 is intact" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]
+    checkpoint.verify_checkpoint(out / "checkpoint-3")
+    monkeypatch.setattr(checkpoint, "_save_tensors", real)
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 1000))
+    assert train_image.cli(args(world, tmp_path / "small")) == 2
+    err = capsys.readouterr().err
+    assert "no space left on device for checkpoint-3 (needs ~" in err and "there is no earlier checkpoint" in err
+    assert not [p for p in (tmp_path / "small").iterdir() if "checkpoint" in p.name]
+
+
+def test_resume_refuses_a_config_that_changes_what_is_trained(world, tmp_path, capsys):
+    """lora_rank / lora_alpha / model_type changed on resume: one line naming the key and both values; a safe change
+    (max_train_steps, seed) resumes with a note; a checkpoint without a saved config resumes with a note."""
+    out = tmp_path / "run"
+    assert train_image.cli(args(world, out, max_train_steps=3)) == 0
+    capsys.readouterr()
+    for change, message in [(dict(lora_rank=8), "lora_rank was 4 there, this run sets 8"),
+                            (dict(lora_alpha=64), "lora_alpha was 4.0 there, this run sets 64.0"),
+                            (dict(model_type="full"), "model_type was 'lora' there, this run sets 'full'")]:
+        assert train_image.cli(args(world, out, max_train_steps=4, **change)) == 2
+        err = capsys.readouterr().err
+        assert f"resume from checkpoint-3: {message}" in err and "Traceback" not in err
+    assert not (out / "checkpoint-4").exists()
+    assert train_image.cli(args(world, out, max_train_steps=4, seed=7, lora_alpha=4)) == 0
+    log = capsys.readouterr().out
+    note = log.split("note: resuming ", 1)[1].splitlines()[0]
+    assert note == "checkpoint-3 with changed max_train_steps (3 -> 4), seed (42 -> 7)"  # alpha 4 = the rank: same
+    assert "resumed from" in log
+    (out / "checkpoint-4" / "config.json").write_text("{}\n")  # as an older version wrote it
+    manifest = json.loads((out / "checkpoint-4" / "manifest.json").read_text())
+    manifest["files"]["config.json"] = {"bytes": 3, "sha256": checkpoint._sha256(out / "checkpoint-4" / "config.json")}
+    (out / "checkpoint-4" / "manifest.json").write_text(json.dumps(manifest))
+    assert train_image.cli(args(world, out, max_train_steps=5, lora_rank=8)) == 2  # the rank still cannot change
+    assert train_image.cli(args(world, out, max_train_steps=5)) == 0
+    assert "checkpoint-4 holds no saved config" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(max_train_steps=-5), "max_train_steps -5 is out of range: allowed [0, 1e12]"),
+    (dict(max_train_steps="1e400"), "max_train_steps: '1e400' is not a valid int"),
+    (dict(learning_rate="inf"), "learning_rate inf is out of range: allowed (0, 1e3]"),
+    (dict(adam_beta2=1.0), "adam_beta2 1.0 is out of range: allowed [0, 1)"),
+    (dict(validation_num_inference_steps=0), "validation_num_inference_steps 0 is out of range"),
+])
+def test_numeric_options_are_range_checked_at_start(world, tmp_path, capsys, override, message):
+    out = tmp_path / "out"
+    assert train_image.cli(args(world, out, **override)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not out.exists()
+
+
+def test_output_dir_that_is_a_file_and_validate_ranges_fail_at_start(world, tmp_path, capsys):
+    import validate
+    (tmp_path / "file").write_text("x")
+    assert train_image.cli(args(world, tmp_path / "file")) == 2
+    assert f"output_dir {tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
+    video = ["--model_family", "longcat_video", "--pretrained_model_name_or_path", str(tmp_path / "none")]
+    for extra, message in [(["--validation_resolution", "0x0"], "'0x0' must be a positive WxH"),
+                           (["--validation_resolution", "-16x-16"], "'-16x-16' must be a positive WxH"),
+                           (["--validation_resolution", "48x40"], "video size 48x40 (WxH) is not a multiple of 16"),
+                           (["--validation_num_inference_steps", "0"], "validation_num_inference_steps 0 is out of range"),
+                           (["--output_dir", str(tmp_path / "file")], "is a file, not a folder")]:
+        assert validate.cli(video + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err

@@ -128,6 +128,7 @@ def test_quickstart_003_backend_parses(tmp_path):
 
 @pytest.mark.parametrize("video, extra, match", [
     ({"num_frames": 90}, {}, r"'clips'.*num_frames 90 is not 4k\+1.*nearest valid: 89 or 93"),
+    ({"num_frames": 0}, {}, "video.num_frames must be > 0, got 0"),  # not silently the default 93
     ({"num_frames": 81}, {}, None),
     ({"num_frames": 17, "min_frames": 13}, {}, "min_frames 13 is below num_frames 17"),
     ({"num_frames": 17, "max_frames": 15}, {}, "max_frames 15 is below min_frames 17"),
